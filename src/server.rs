@@ -1,0 +1,247 @@
+//! The process lifecycle: start the shards, run the control plane, stop cleanly.
+//!
+//! The main thread does no connection work. It owns what is global by nature (signals, the
+//! ticket key schedule, configuration reloads) and tells every shard about changes by
+//! message. Shards never wait for it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use glommio::channels::channel_mesh::MeshBuilder;
+use log::{error, info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::config::{Config, Overrides, Resumption};
+use crate::shard::{self, Control, ShardPlan};
+use crate::tls::tickets::{self, TicketKeyMaterial};
+use crate::tls::TlsMaterial;
+
+/// A running set of shards.
+pub struct Running {
+    pub address: std::net::SocketAddr,
+    /// Kernel thread ids of the shards, for CPU accounting from `/proc`.
+    pub thread_ids: Vec<i32>,
+    controls: Vec<crossbeam_channel::Sender<Control>>,
+    handles: Vec<glommio::ExecutorJoinHandle<anyhow::Result<()>>>,
+    keys: KeySchedule,
+    config: Arc<Config>,
+}
+
+/// Where ticket keys come from, and the key set in force.
+struct KeySchedule {
+    file: Option<(PathBuf, Option<SystemTime>)>,
+    keys: Vec<(TicketKeyMaterial, Instant)>,
+    rotation: Duration,
+    lifetime: Duration,
+    last_rotation: Instant,
+}
+
+impl KeySchedule {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let mut schedule = Self {
+            file: None,
+            keys: Vec::new(),
+            rotation: config.tls.ticket_rotation,
+            lifetime: config.tls.session_lifetime,
+            last_rotation: Instant::now(),
+        };
+        match &config.tls.ticket_key_file {
+            Some(path) => {
+                let keys = tickets::read_key_file(path).map_err(anyhow::Error::msg)?;
+                schedule.keys = keys.into_iter().map(|k| (k, Instant::now())).collect();
+                schedule.file = Some((path.clone(), modified(path)));
+            }
+            None => {
+                let key = TicketKeyMaterial::generate().map_err(anyhow::Error::msg)?;
+                schedule.keys.push((key, Instant::now()));
+            }
+        }
+        Ok(schedule)
+    }
+
+    fn current(&self) -> Vec<TicketKeyMaterial> {
+        self.keys.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Advances the schedule; returns the new key set if it changed.
+    fn tick(&mut self, force_reread: bool) -> Option<Vec<TicketKeyMaterial>> {
+        if let Some((path, seen)) = &mut self.file {
+            let now = modified(path);
+            if !force_reread && now == *seen {
+                return None;
+            }
+            *seen = now;
+            return match tickets::read_key_file(path) {
+                Ok(keys) => {
+                    info!(
+                        "ticket key file {} re-read: {} keys",
+                        path.display(),
+                        keys.len()
+                    );
+                    self.keys = keys.into_iter().map(|k| (k, Instant::now())).collect();
+                    Some(self.current())
+                }
+                Err(e) => {
+                    error!("{e}; the keys in service stay");
+                    None
+                }
+            };
+        }
+        if self.last_rotation.elapsed() < self.rotation {
+            return None;
+        }
+        // A new sealing key; old ones stay for opening until no ticket they sealed can
+        // still be valid.
+        let key = TicketKeyMaterial::generate().ok()?;
+        self.last_rotation = Instant::now();
+        let keep = self.rotation + self.lifetime;
+        self.keys.retain(|(_, born)| born.elapsed() < keep);
+        self.keys.insert(0, (key, Instant::now()));
+        Some(self.current())
+    }
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Loads TLS material and starts one shard per configured CPU.
+pub fn start(config: Config) -> anyhow::Result<Running> {
+    let config = Arc::new(config);
+    let keys = KeySchedule::new(&config)?;
+    let material =
+        Arc::new(TlsMaterial::load(&config, keys.current()).map_err(anyhow::Error::msg)?);
+    material.log_summary();
+
+    let cpus = config.shard_cpus();
+    let (fds, address) = crate::net::listeners(config.listen, cpus.len(), &cpus, &config.socket)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let mesh = MeshBuilder::full(cpus.len(), shard::MESH_CHANNEL_DEPTH);
+    let (started_tx, started_rx) = crossbeam_channel::unbounded();
+    let mut controls = Vec::new();
+    let mut plans = Vec::new();
+    for (index, (cpu, fd)) in cpus.iter().zip(fds).enumerate() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        controls.push(tx);
+        plans.push(ShardPlan {
+            index,
+            cpu: *cpu,
+            shards: cpus.len(),
+            config: config.clone(),
+            tls: material.clone(),
+            listener_fd: fd,
+            control: rx,
+            mesh: mesh.clone(),
+            started: started_tx.clone(),
+        });
+    }
+    let handles = shard::spawn(plans)?;
+
+    let mut thread_ids = vec![0; cpus.len()];
+    for _ in 0..cpus.len() {
+        let (index, tid) = started_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("a shard did not start within 10 s")?;
+        thread_ids[index] = tid;
+    }
+    info!(
+        "ferrule listening on {address} with {} shards (CPUs {cpus:?})",
+        cpus.len()
+    );
+    Ok(Running {
+        address,
+        thread_ids,
+        controls,
+        handles,
+        keys,
+        config,
+    })
+}
+
+impl Running {
+    fn broadcast(&self, control: Control) {
+        for tx in &self.controls {
+            let _ = tx.send(control.clone());
+        }
+    }
+
+    /// Advances the ticket key schedule and sends new keys to every shard.
+    fn rotate_keys(&mut self, force_reread: bool) {
+        if self.config.tls.resumption != Resumption::Tickets {
+            return;
+        }
+        if let Some(keys) = self.keys.tick(force_reread) {
+            self.broadcast(Control::TicketKeys(Arc::new(keys)));
+        }
+    }
+
+    /// Re-reads configuration and files; on success every shard swaps to them.
+    fn reload(&mut self, path: Option<&std::path::Path>, overrides: &Overrides) {
+        let loaded = Config::load(path, overrides)
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                TlsMaterial::load(&config, self.keys.current()).map(|tls| (config, tls))
+            });
+        match loaded {
+            Ok((config, tls)) => {
+                if config.listen != self.config.listen
+                    || config.shard_cpus() != self.config.shard_cpus()
+                {
+                    warn!("listen address and cores change only on restart; other changes apply");
+                }
+                info!("configuration reloaded");
+                let config = Arc::new(config);
+                self.config = config.clone();
+                self.broadcast(Control::Reload {
+                    config,
+                    tls: Arc::new(tls),
+                });
+                self.rotate_keys(true);
+            }
+            Err(e) => {
+                error!("reload failed, the running configuration stays: {e}");
+                self.broadcast(Control::ReloadFailed);
+            }
+        }
+    }
+
+    /// Asks every shard to drain and waits for them to finish.
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.broadcast(Control::Drain);
+        for handle in self.handles {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!("a shard failed: {e:#}"),
+                Err(e) => error!("a shard panicked: {e:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the control plane until SIGTERM or SIGINT, then drains.
+    pub fn run_until_signalled(
+        mut self,
+        config_path: Option<PathBuf>,
+        overrides: Overrides,
+    ) -> anyhow::Result<()> {
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        loop {
+            for signal in signals.pending() {
+                match signal {
+                    SIGHUP => self.reload(config_path.as_deref(), &overrides),
+                    _ => {
+                        info!(
+                            "signal {signal}: draining (up to {:?})",
+                            self.config.limits.drain_timeout
+                        );
+                        return self.stop();
+                    }
+                }
+            }
+            self.rotate_keys(false);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! One shard per CPU: a pinned glommio executor that owns everything its connections touch.
+//!
+//! # Why thread-per-core
+//! A TLS terminator's work is short, CPU-bound bursts per connection. Work-stealing runtimes
+//! move those bursts between cores and pay for it with shared queues, atomics and cold
+//! caches. Here a connection is accepted, handshaken and proxied on the core whose
+//! SO_REUSEPORT socket the kernel gave it to, and never leaves.
+//!
+//! # What a shard owns
+//! Its listener socket, its rustls configs, its partition of the session cache, its origin
+//! connection pools and its metrics. Nothing on the data path is shared with another core.
+//!
+//! # What crosses cores
+//! Only messages ([`Message`]) over glommio's channel mesh: sessions travelling to their home
+//! core, session lookups and their replies, and metric snapshots. Control from the main
+//! thread (drain, new ticket keys, reloads) arrives on a crossbeam channel per shard, which
+//! the shard checks on a short timer: control is rare and may wait a few milliseconds.
+
+mod drain;
+mod messages;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::{MeshBuilder, Senders};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use log::{debug, info, warn};
+
+use crate::config::Config;
+use crate::tls::session::SessionPartition;
+use crate::tls::ServerContext;
+use crate::upstream::Upstreams;
+pub use drain::DrainSignal;
+pub use messages::{Control, Message, SessionMiss};
+
+/// Depth of each core-to-core channel. Sessions are small; 4096 in flight per pair is far
+/// beyond what a burst of handshakes produces between two control ticks.
+pub const MESH_CHANNEL_DEPTH: usize = 4096;
+
+/// How often a shard looks at its control channel from the main thread.
+const CONTROL_TICK: Duration = Duration::from_millis(20);
+
+/// Everything a shard needs at start, built by the main thread.
+pub struct ShardPlan {
+    pub index: usize,
+    pub cpu: usize,
+    pub shards: usize,
+    pub config: Arc<Config>,
+    pub tls: Arc<crate::tls::TlsMaterial>,
+    pub listener_fd: std::os::fd::OwnedFd,
+    pub control: crossbeam_channel::Receiver<Control>,
+    pub mesh: MeshBuilder<Message, glommio::channels::channel_mesh::Full>,
+    /// Reports the shard's thread id, for per-thread CPU accounting.
+    pub started: crossbeam_channel::Sender<(usize, i32)>,
+}
+
+/// The state one core owns. Reached through [`current`] from code running on that core.
+pub struct Shard {
+    pub index: usize,
+    pub cpu: usize,
+    pub shards: usize,
+    pub config: RefCell<Arc<Config>>,
+    pub tls: RefCell<Rc<ServerContext>>,
+    pub sessions: RefCell<SessionPartition>,
+    pub upstreams: Upstreams,
+    pub drain: DrainSignal,
+    senders: Senders<Message>,
+    pending: RefCell<HashMap<u64, LocalSender<Message>>>,
+    next_request: Cell<u64>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+/// The shard running on this thread, if any.
+pub fn current() -> Option<Rc<Shard>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+impl Shard {
+    /// Sends `message` to core `peer` without waiting; a full channel drops it.
+    ///
+    /// Used from rustls callbacks, which cannot wait. A dropped session only costs that client
+    /// a full handshake next time, and the drop is counted.
+    pub fn post(&self, peer: usize, message: Message) -> bool {
+        match self.senders.try_send_to(peer, message) {
+            Ok(()) => true,
+            Err(_) => {
+                crate::metrics::inc("ferrule_session_lookups_total", r#"result="dropped""#);
+                false
+            }
+        }
+    }
+
+    /// Sends a request built by `make` (given its id) to `peer` and waits for the reply.
+    pub async fn ask(&self, peer: usize, make: impl FnOnce(u64) -> Message) -> Option<Message> {
+        let id = self.next_request.get();
+        self.next_request.set(id + 1);
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.pending.borrow_mut().insert(id, tx);
+        if self.senders.send_to(peer, make(id)).await.is_err() {
+            self.pending.borrow_mut().remove(&id);
+            return None;
+        }
+        rx.recv().await
+    }
+
+    /// Completes a pending [`ask`](Self::ask).
+    fn complete(&self, id: u64, reply: Message) {
+        if let Some(tx) = self.pending.borrow_mut().remove(&id) {
+            let _ = tx.try_send(reply);
+        }
+    }
+
+    /// Asks every core (this one included) for its metrics.
+    pub async fn collect_metrics(&self) -> Vec<crate::metrics::Snapshot> {
+        let mut all = vec![crate::metrics::snapshot(self.index)];
+        for peer in (0..self.shards).filter(|p| *p != self.index) {
+            let reply = self.ask(peer, |id| Message::MetricsRequest {
+                id,
+                from: self.index,
+            });
+            if let Some(Message::MetricsReply { snapshot, .. }) = reply.await {
+                all.push(*snapshot);
+            }
+        }
+        all.sort_by_key(|s| s.core);
+        all
+    }
+
+    /// Handles a message from another core.
+    async fn handle(&self, from: usize, message: Message) {
+        match message {
+            Message::MetricsRequest { id, from } => {
+                self.refresh_gauges();
+                let snapshot = Box::new(crate::metrics::snapshot(self.index));
+                let _ = self
+                    .senders
+                    .send_to(from, Message::MetricsReply { id, snapshot })
+                    .await;
+            }
+            Message::SessionPut { key, value } => self.sessions.borrow_mut().insert(key, value),
+            Message::SessionLookup { id, key, take } => {
+                let result = self.sessions.borrow_mut().lookup(&key, take);
+                let _ = self
+                    .senders
+                    .send_to(from, Message::SessionReply { id, result })
+                    .await;
+            }
+            reply @ (Message::MetricsReply { .. } | Message::SessionReply { .. }) => {
+                let id = reply.reply_id();
+                self.complete(id, reply);
+            }
+        }
+    }
+
+    /// Publishes gauges that are cheaper to read on demand than to maintain.
+    pub fn refresh_gauges(&self) {
+        let sessions = self.sessions.borrow();
+        crate::metrics::set_gauge("ferrule_session_cache_entries", "", sessions.len() as i64);
+        crate::metrics::set_gauge("ferrule_session_cache_bytes", "", sessions.bytes() as i64);
+    }
+
+    fn apply_control(&self, control: Control) {
+        match control {
+            Control::Drain => self.drain.start(),
+            Control::TicketKeys(keys) => {
+                let context = self.tls.borrow().with_ticket_keys(&keys);
+                match context {
+                    Ok(context) => {
+                        *self.tls.borrow_mut() = Rc::new(context);
+                        crate::metrics::inc("ferrule_ticket_key_rotations_total", "");
+                    }
+                    Err(e) => warn!("core {}: new ticket keys rejected: {e}", self.cpu),
+                }
+            }
+            Control::ReloadFailed => {
+                crate::metrics::inc("ferrule_reloads_total", r#"result="failed""#)
+            }
+            Control::Reload { config, tls } => match ServerContext::build(&config, &tls) {
+                Ok(context) => {
+                    *self.tls.borrow_mut() = Rc::new(context);
+                    self.upstreams.reconfigure(&config);
+                    *self.config.borrow_mut() = config;
+                    crate::metrics::inc("ferrule_reloads_total", r#"result="ok""#);
+                }
+                Err(e) => {
+                    warn!(
+                        "core {}: reload rejected, old configuration stays: {e}",
+                        self.cpu
+                    );
+                    crate::metrics::inc("ferrule_reloads_total", r#"result="failed""#);
+                }
+            },
+        }
+    }
+}
+
+/// Starts one pinned executor per planned shard and returns their join handles.
+pub fn spawn(
+    plans: Vec<ShardPlan>,
+) -> anyhow::Result<Vec<glommio::ExecutorJoinHandle<anyhow::Result<()>>>> {
+    let mut handles = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let name = format!("ferrule-core{}", plan.cpu);
+        let handle = LocalExecutorBuilder::new(Placement::Unbound)
+            .name(&name)
+            // glommio pre-registers this much memory for io_uring buffers per executor;
+            // ferrule reads into its own buffers, so a small pool is enough.
+            .io_memory(1 << 20)
+            .spawn(move || run(plan))
+            .map_err(|e| anyhow::anyhow!("cannot start shard executor: {e}"))?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+async fn run(plan: ShardPlan) -> anyhow::Result<()> {
+    // Pin first, so that everything below is allocated from this core's NUMA node.
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: plan.cpu }) {
+        warn!(
+            "could not pin shard {} to CPU {}; running unpinned",
+            plan.index, plan.cpu
+        );
+    }
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+
+    let (senders, receivers) = plan
+        .mesh
+        .join()
+        .await
+        .map_err(|_| anyhow::anyhow!("core {}: could not join the core mesh", plan.cpu))?;
+    let config = plan.config.clone();
+    let sessions = SessionPartition::new(&config.tls);
+    let tls = ServerContext::build(&config, &plan.tls)?;
+    let shard = Rc::new(Shard {
+        index: plan.index,
+        cpu: plan.cpu,
+        shards: plan.shards,
+        upstreams: Upstreams::new(&config),
+        config: RefCell::new(config.clone()),
+        tls: RefCell::new(Rc::new(tls)),
+        sessions: RefCell::new(sessions),
+        drain: DrainSignal::default(),
+        senders,
+        pending: RefCell::new(HashMap::new()),
+        next_request: Cell::new(0),
+    });
+    CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
+
+    let mut receivers = receivers;
+    for (peer, receiver) in receivers.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(message) = receiver.recv().await {
+                shard.handle(peer, message).await;
+            }
+        })
+        .detach();
+    }
+    spawn_control_loop(shard.clone(), plan.control);
+    if shard.index == 0 {
+        if let Some(admin) = config.admin {
+            crate::metrics::admin::spawn(admin)?;
+        }
+    }
+
+    // SAFETY: the fd is an open, bound, listening TCP socket that this shard now owns alone;
+    // into_raw_fd hands its ownership to the glommio listener, which closes it on drop.
+    let listener = unsafe {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        TcpListener::from_raw_fd(plan.listener_fd.into_raw_fd())
+    };
+    let _ = plan.started.send((plan.index, tid));
+    info!("core {}: serving on {}", plan.cpu, config.listen);
+
+    accept_loop(&shard, &listener).await;
+    drop(listener);
+    shard.drain.wait_idle(config.limits.drain_timeout).await;
+    CURRENT.with(|c| c.borrow_mut().take());
+    debug!("core {}: stopped", plan.cpu);
+    Ok(())
+}
+
+fn spawn_control_loop(shard: Rc<Shard>, control: crossbeam_channel::Receiver<Control>) {
+    glommio::spawn_local(async move {
+        loop {
+            while let Ok(message) = control.try_recv() {
+                shard.apply_control(message);
+            }
+            glommio::timer::sleep(CONTROL_TICK).await;
+        }
+    })
+    .detach();
+}
+
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
+    let slots = Rc::new(glommio::sync::Semaphore::new(
+        shard.config.borrow().limits.max_connections_per_core as u64,
+    ));
+    loop {
+        // At the connection limit, stop accepting: the kernel's backlog holds new clients
+        // until a slot frees, instead of accepting them only to starve them.
+        let permit = match futures_lite::future::or(
+            async { slots.clone().acquire_static_permit(1).await.ok() },
+            async {
+                shard.drain.wait().await;
+                None
+            },
+        )
+        .await
+        {
+            Some(permit) => permit,
+            None => return,
+        };
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.drain.wait().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    serve_connection(&shard, stream).await;
+                    drop(permit);
+                })
+                .detach();
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly rather than spin on the error.
+                warn!("core {}: accept failed: {e}", shard.cpu);
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(shard: &Rc<Shard>, stream: TcpStream) {
+    crate::metrics::connection_opened();
+    shard.drain.connection_started();
+    crate::net::tune_accepted(&stream, &shard.config.borrow().socket);
+    let peer = stream.peer_addr().ok();
+    let config = shard.config.borrow().clone();
+
+    match crate::tls::accept::accept(shard, stream, &config).await {
+        Ok(accepted) => match config.mode {
+            crate::config::Mode::Http => crate::http::serve(shard, accepted, peer, &config).await,
+            crate::config::Mode::Tcp => crate::upstream::tcp::serve(shard, accepted, &config).await,
+        },
+        Err(reason) => debug!(
+            "core {}: handshake with {peer:?} failed: {reason}",
+            shard.cpu
+        ),
+    }
+
+    shard.drain.connection_finished();
+    crate::metrics::connection_closed();
+}

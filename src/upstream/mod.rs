@@ -1,0 +1,265 @@
+//! Origin connections: choosing a backend, dialling it, and keeping idle connections warm.
+//!
+//! Each shard has its own [`Upstreams`]: one idle pool per backend, reused by any client of
+//! that core. Nothing here is shared between cores; a backend that another core found down
+//! is rediscovered by this core's own connect attempt.
+
+pub mod tcp;
+pub mod tunnel;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpStream;
+
+use crate::config::Config;
+use crate::metrics;
+
+/// Why no origin connection could be had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectError {
+    /// Every backend refused or failed (502).
+    Refused,
+    /// A backend did not answer within the connect timeout (504).
+    TimedOut,
+}
+
+/// An open connection to one backend.
+pub struct OriginConn {
+    pub stream: TcpStream,
+    pub backend: usize,
+    pub created: Instant,
+    /// Came from the idle pool (and may have been closed by the origin meanwhile).
+    pub reused: bool,
+}
+
+struct Idle {
+    conn: OriginConn,
+    since: Instant,
+}
+
+struct Backend {
+    address: SocketAddr,
+    down_until: Cell<Option<Instant>>,
+    idle: RefCell<VecDeque<Idle>>,
+}
+
+/// This core's view of the backends.
+pub struct Upstreams {
+    backends: RefCell<Vec<Backend>>,
+    next: Cell<usize>,
+    settings: RefCell<Settings>,
+}
+
+struct Settings {
+    max_idle: usize,
+    max_idle_time: Duration,
+    max_age: Duration,
+    connect_timeout: Duration,
+    backoff: Duration,
+}
+
+impl Settings {
+    fn from(config: &Config) -> Self {
+        Self {
+            max_idle: config.pool.max_idle_per_backend,
+            max_idle_time: config.pool.max_idle_time,
+            max_age: config.pool.max_age,
+            connect_timeout: config.limits.upstream_connect_timeout,
+            backoff: config.limits.backend_backoff,
+        }
+    }
+}
+
+fn backends_of(config: &Config) -> Vec<Backend> {
+    config
+        .backends
+        .iter()
+        .map(|b| Backend {
+            address: b.address,
+            down_until: Cell::new(None),
+            idle: RefCell::new(VecDeque::new()),
+        })
+        .collect()
+}
+
+impl Upstreams {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            backends: RefCell::new(backends_of(config)),
+            next: Cell::new(0),
+            settings: RefCell::new(Settings::from(config)),
+        }
+    }
+
+    /// Takes a new configuration. Pools of backends that stay are kept.
+    pub fn reconfigure(&self, config: &Config) {
+        let mut fresh = backends_of(config);
+        let mut old = self.backends.borrow_mut();
+        for backend in &mut fresh {
+            if let Some(kept) = old.iter().find(|b| b.address == backend.address) {
+                backend.idle = RefCell::new(kept.idle.take());
+            }
+        }
+        *old = fresh;
+        *self.settings.borrow_mut() = Settings::from(config);
+    }
+
+    /// The backends to try, in round-robin order, skipping those in back-off while any
+    /// other is available.
+    fn order(&self) -> Vec<usize> {
+        let backends = self.backends.borrow();
+        let count = backends.len();
+        let start = self.next.get();
+        self.next.set(start.wrapping_add(1));
+        let now = Instant::now();
+        let rotation = (0..count).map(|i| (start + i) % count);
+        let (up, down): (Vec<usize>, Vec<usize>) = rotation.partition(|i| {
+            backends[*i]
+                .down_until
+                .get()
+                .is_none_or(|until| until <= now)
+        });
+        // When every backend is in back-off, try them anyway: back-off is a preference, and
+        // refusing all traffic because of a stale mark would turn a blip into an outage.
+        if up.is_empty() {
+            down
+        } else {
+            up
+        }
+    }
+
+    /// A pooled connection if a live one is at hand, otherwise a new one.
+    pub async fn checkout(&self) -> Result<OriginConn, ConnectError> {
+        let mut last = ConnectError::Refused;
+        for index in self.order() {
+            if let Some(conn) = self.pooled(index) {
+                metrics::inc("ferrule_upstream_reuses_total", "");
+                return Ok(conn);
+            }
+            match self.connect(index).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// A new connection to the backend `index` (used for retries after a stale pooled one).
+    pub async fn connect(&self, index: usize) -> Result<OriginConn, ConnectError> {
+        let (address, timeout, backoff) = {
+            let backends = self.backends.borrow();
+            let settings = self.settings.borrow();
+            let Some(backend) = backends.get(index) else {
+                return Err(ConnectError::Refused);
+            };
+            (backend.address, settings.connect_timeout, settings.backoff)
+        };
+        let attempt = crate::tls::accept::with_timeout(timeout, TcpStream::connect(address)).await;
+        let mark_down = |label| {
+            metrics::inc("ferrule_upstream_connect_failures_total", label);
+            if let Some(backend) = self.backends.borrow().get(index) {
+                backend.down_until.set(Some(Instant::now() + backoff));
+            }
+        };
+        match attempt {
+            Some(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                metrics::inc("ferrule_upstream_connects_total", "");
+                if let Some(backend) = self.backends.borrow().get(index) {
+                    backend.down_until.set(None);
+                }
+                Ok(OriginConn {
+                    stream,
+                    backend: index,
+                    created: Instant::now(),
+                    reused: false,
+                })
+            }
+            Some(Err(e)) => {
+                log::warn!("origin {address}: connect failed: {e}");
+                mark_down(r#"reason="refused""#);
+                Err(ConnectError::Refused)
+            }
+            None => {
+                log::warn!("origin {address}: connect timed out after {timeout:?}");
+                mark_down(r#"reason="timeout""#);
+                Err(ConnectError::TimedOut)
+            }
+        }
+    }
+
+    fn pooled(&self, index: usize) -> Option<OriginConn> {
+        let backends = self.backends.borrow();
+        let settings = self.settings.borrow();
+        let mut idle = backends.get(index)?.idle.borrow_mut();
+        let now = Instant::now();
+        // Most recently used first: it is the likeliest to be alive and in cache.
+        while let Some(entry) = idle.pop_back() {
+            let fresh = now.duration_since(entry.since) < settings.max_idle_time
+                && now.duration_since(entry.conn.created) < settings.max_age;
+            if fresh && !crate::net::idle_socket_is_dead(entry.conn.stream.as_raw_fd()) {
+                let mut conn = entry.conn;
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was fully read, for reuse.
+    pub fn checkin(&self, conn: OriginConn) {
+        let backends = self.backends.borrow();
+        let settings = self.settings.borrow();
+        let Some(backend) = backends.get(conn.backend) else {
+            return;
+        };
+        if conn.created.elapsed() >= settings.max_age {
+            return;
+        }
+        let mut idle = backend.idle.borrow_mut();
+        let now = Instant::now();
+        idle.retain(|e| now.duration_since(e.since) < settings.max_idle_time);
+        if idle.len() >= settings.max_idle {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { conn, since: now });
+    }
+}
+
+impl futures_lite::io::AsyncRead for OriginConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl futures_lite::io::AsyncWrite for OriginConn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_close(cx)
+    }
+}
