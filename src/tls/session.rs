@@ -282,7 +282,7 @@ mod tests {
         assert!(p.len() <= 100);
         assert!(p.bytes() <= 20_000);
         assert_eq!(
-            p.lookup(&0u32.to_be_bytes(), true).unwrap_err(),
+            p.lookup(&9_850u32.to_be_bytes(), true).unwrap_err(),
             SessionMiss::Evicted
         );
     }
