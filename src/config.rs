@@ -71,6 +71,45 @@ impl std::str::FromStr for Resumption {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
     pub address: SocketAddr,
+    /// Re-encrypt towards this origin; `None` speaks plain HTTP (or plain TCP) to it.
+    pub tls: Option<OriginTls>,
+}
+
+impl Backend {
+    pub fn plain(address: SocketAddr) -> Self {
+        Self { address, tls: None }
+    }
+}
+
+/// TLS towards an origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginTls {
+    /// Name sent as SNI and checked against the origin's certificate.
+    pub server_name: String,
+    /// CA certificates (PEM) that sign the origin's certificate; `None`: the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) presented to the origin (mutual TLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+/// A certificate chain, its key and, optionally, a stapled OCSP response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// DER OCSP response; `None` looks for `<cert>.ocsp` beside the certificate.
+    pub ocsp: Option<PathBuf>,
+}
+
+/// Whether clients must present a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Handshakes without a valid client certificate fail.
+    Require,
+    /// A client certificate is verified if sent; clients without one are served too.
+    Request,
 }
 
 /// The full, validated configuration.
@@ -94,9 +133,17 @@ pub struct Config {
 /// Certificates and session handling.
 #[derive(Clone, Debug)]
 pub struct Tls {
-    /// Certificate chain (PEM) and its private key (PEM: PKCS#8, SEC1 or PKCS#1).
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+    /// Certificates with their keys (PEM; keys PKCS#8, SEC1 or PKCS#1). The first one is the
+    /// default for clients without SNI or with an unknown name.
+    pub certificates: Vec<CertPair>,
+    /// A directory of `NAME.pem` chains with `NAME.key` keys (and optional `NAME.ocsp`).
+    pub cert_dir: Option<PathBuf>,
+    /// CA certificates (PEM) that sign client certificates; `None`: no client certificates.
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+    /// Request header carrying the verified client certificate's subject to the origin.
+    /// A client-sent header of this name is always removed.
+    pub client_cert_header: String,
     /// Refuse clients whose SNI names no configured certificate (`unrecognized_name` alert)
     /// instead of serving them the default certificate.
     pub strict_sni: bool,
@@ -166,6 +213,9 @@ pub struct Socket {
     pub keepalive_interval: Duration,
     pub keepalive_count: u32,
     /// Accept a connection on the core whose CPU its packets arrived on (SO_INCOMING_CPU).
+    /// Off by default: it only helps when the NIC's interrupts are spread over ferrule's
+    /// cores (see tuning/); with every interrupt on one CPU it would put every connection
+    /// on one shard.
     pub incoming_cpu: bool,
 }
 
@@ -195,8 +245,11 @@ impl Default for Config {
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 9900))),
             backends: Vec::new(),
             tls: Tls {
-                cert: None,
-                key: None,
+                certificates: Vec::new(),
+                cert_dir: None,
+                client_ca: None,
+                client_auth: ClientAuth::Require,
+                client_cert_header: "X-Client-Cert-Subject".into(),
                 strict_sni: false,
                 resumption: Resumption::Cache,
                 session_lifetime: Duration::from_secs(2 * 3600),
@@ -235,7 +288,7 @@ impl Default for Config {
                 keepalive_idle: Some(Duration::from_secs(60)),
                 keepalive_interval: Duration::from_secs(10),
                 keepalive_count: 6,
-                incoming_cpu: true,
+                incoming_cpu: false,
             },
             early_data: EarlyData {
                 max_bytes: 16 * 1024,
@@ -290,8 +343,9 @@ impl ConfigError {
 pub struct Overrides {
     pub listen: Option<String>,
     pub backends: Vec<String>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+    pub certs: Vec<PathBuf>,
+    pub keys: Vec<PathBuf>,
+    pub cert_dir: Option<PathBuf>,
     pub cores: Option<String>,
     pub admin: Option<String>,
     pub mode: Option<String>,
@@ -329,6 +383,20 @@ enum CoresValue {
 #[serde(deny_unknown_fields)]
 struct FileBackend {
     address: String,
+    #[serde(default)]
+    tls: bool,
+    sni: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+    ocsp: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -336,6 +404,13 @@ struct FileBackend {
 struct FileTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    ocsp: Option<PathBuf>,
+    #[serde(default)]
+    certificate: Vec<FileCertificate>,
+    cert_dir: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<ClientAuth>,
+    client_cert_header: Option<String>,
     strict_sni: Option<bool>,
     resumption: Option<Resumption>,
     session_lifetime_seconds: Option<u64>,
@@ -506,13 +581,57 @@ impl Config {
         for backend in &file.backend {
             let address =
                 parse_addr(&backend.address).map_err(|m| source.error("backend", "address", m))?;
-            config.backends.push(Backend { address });
+            if backend.client_cert.is_some() != backend.client_key.is_some() {
+                return Err(source.error(
+                    "backend",
+                    "client_cert",
+                    "client_cert and client_key go together",
+                ));
+            }
+            let tls = backend.tls.then(|| OriginTls {
+                server_name: backend
+                    .sni
+                    .clone()
+                    .unwrap_or_else(|| address.ip().to_string()),
+                ca_file: backend.ca_file.clone(),
+                client_cert: backend.client_cert.clone(),
+                client_key: backend.client_key.clone(),
+            });
+            config.backends.push(Backend { address, tls });
         }
 
         let tls = file.tls.unwrap_or_default();
         let t = &mut config.tls;
-        t.cert = tls.cert.or(t.cert.take());
-        t.key = tls.key.or(t.key.take());
+        match (tls.cert, tls.key) {
+            (Some(cert), Some(key)) => t.certificates.push(CertPair {
+                cert,
+                key,
+                ocsp: tls.ocsp,
+            }),
+            (None, None) => {}
+            (Some(_), None) => return Err(source.error("tls", "cert", "tls.key is missing")),
+            (None, Some(_)) => return Err(source.error("tls", "key", "tls.cert is missing")),
+        }
+        for c in tls.certificate {
+            t.certificates.push(CertPair {
+                cert: c.cert,
+                key: c.key,
+                ocsp: c.ocsp,
+            });
+        }
+        t.cert_dir = tls.cert_dir;
+        t.client_ca = tls.client_ca;
+        t.client_auth = tls.client_auth.unwrap_or(t.client_auth);
+        if let Some(header) = tls.client_cert_header {
+            let valid = !header.is_empty()
+                && header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !valid {
+                return Err(source.error("tls", "client_cert_header", "not a header name"));
+            }
+            t.client_cert_header = header;
+        }
         t.strict_sni = tls.strict_sni.unwrap_or(t.strict_sni);
         t.resumption = tls.resumption.unwrap_or(t.resumption);
         t.session_lifetime = secs(tls.session_lifetime_seconds, t.session_lifetime);
@@ -684,15 +803,34 @@ impl Config {
             self.backends = o
                 .backends
                 .iter()
-                .map(|b| parse_addr(b).map(|address| Backend { address }))
+                .map(|b| parse_addr(b).map(Backend::plain))
                 .collect::<Result<_, _>>()
                 .map_err(|m| ConfigError::flag("--backend", m))?;
         }
-        if o.cert.is_some() {
-            self.tls.cert = o.cert.clone();
+        if o.certs.len() != o.keys.len() {
+            return Err(ConfigError::flag(
+                "--cert",
+                format!(
+                    "{} --cert but {} --key: give them in pairs",
+                    o.certs.len(),
+                    o.keys.len()
+                ),
+            ));
         }
-        if o.key.is_some() {
-            self.tls.key = o.key.clone();
+        if !o.certs.is_empty() {
+            self.tls.certificates = o
+                .certs
+                .iter()
+                .zip(&o.keys)
+                .map(|(cert, key)| CertPair {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ocsp: None,
+                })
+                .collect();
+        }
+        if o.cert_dir.is_some() {
+            self.tls.cert_dir = o.cert_dir.clone();
         }
         if let Some(cores) = &o.cores {
             self.cores = parse_cores(cores).map_err(|m| ConfigError::flag("--cores", m))?;
@@ -733,22 +871,13 @@ impl Config {
                 "no backend configured: add a [[backend]] table or --backend ADDR".into(),
             ));
         }
-        match (&self.tls.cert, &self.tls.key) {
-            (None, _) => {
-                return Err(whole(
-                    "tls.cert",
-                    "no certificate configured: set tls.cert and tls.key or pass --cert and \
-                     --key (`ferrule demo` generates one for trying ferrule out)"
-                        .into(),
-                ))
-            }
-            (Some(_), None) => {
-                return Err(whole(
-                    "tls.key",
-                    "tls.cert is set but tls.key is not".into(),
-                ))
-            }
-            _ => {}
+        if self.tls.certificates.is_empty() && self.tls.cert_dir.is_none() {
+            return Err(whole(
+                "tls.cert",
+                "no certificate configured: set tls.cert and tls.key, pass --cert and --key, \
+                 or --cert-dir (`ferrule demo` generates one for trying ferrule out)"
+                    .into(),
+            ));
         }
         let online = online_cpus();
         for core in &self.cores {

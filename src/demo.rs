@@ -33,11 +33,14 @@ fn run_in(dir: &Path, seconds: u64) -> anyhow::Result<()> {
     let mut config = Config {
         listen: "127.0.0.1:0".parse()?,
         admin: None,
-        backends: vec![Backend { address: origin }],
+        backends: vec![Backend::plain(origin)],
         ..Config::default()
     };
-    config.tls.cert = Some(dir.join("cert.pem"));
-    config.tls.key = Some(dir.join("key.pem"));
+    config.tls.certificates.push(crate::config::CertPair {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        ocsp: None,
+    });
     let running = crate::server::start(config)?;
     let shards = running.thread_ids.clone();
     println!(

@@ -75,12 +75,15 @@ struct ServeArgs {
     /// Origin address; repeat for round robin.
     #[arg(long = "backend")]
     backends: Vec<String>,
-    /// Certificate chain (PEM).
+    /// Certificate chain (PEM); repeat with --key for more names (the first is the default).
+    #[arg(long = "cert")]
+    certs: Vec<PathBuf>,
+    /// Private key (PEM: PKCS#8, SEC1 or PKCS#1), one per --cert, in the same order.
+    #[arg(long = "key")]
+    keys: Vec<PathBuf>,
+    /// Directory of NAME.pem chains with NAME.key keys (and optional NAME.ocsp staples).
     #[arg(long)]
-    cert: Option<PathBuf>,
-    /// Private key (PEM: PKCS#8, SEC1 or PKCS#1).
-    #[arg(long)]
-    key: Option<PathBuf>,
+    cert_dir: Option<PathBuf>,
     /// Core count, CPU list (`0-3,8`) or NUMA node (`numa:0`); default: every CPU available.
     #[arg(long)]
     cores: Option<String>,
@@ -106,8 +109,9 @@ impl ServeArgs {
         Overrides {
             listen: self.listen.clone(),
             backends: self.backends.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
+            certs: self.certs.clone(),
+            keys: self.keys.clone(),
+            cert_dir: self.cert_dir.clone(),
             cores: self.cores.clone(),
             admin: self.admin.clone(),
             mode: self.mode.clone(),

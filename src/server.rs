@@ -103,6 +103,63 @@ impl KeySchedule {
     }
 }
 
+/// Files whose change triggers a reload, with the modification time last seen.
+struct Watch {
+    files: Vec<(PathBuf, Option<SystemTime>)>,
+    last_check: Instant,
+}
+
+impl Watch {
+    /// How often the files are looked at. A stat per file per second costs nothing and
+    /// needs no inotify plumbing through symlink swaps.
+    const PERIOD: Duration = Duration::from_secs(1);
+
+    fn new(config: &Config, config_path: Option<&std::path::Path>) -> Self {
+        let mut paths: Vec<PathBuf> = config_path.into_iter().map(PathBuf::from).collect();
+        for pair in &config.tls.certificates {
+            paths.push(pair.cert.clone());
+            paths.push(pair.key.clone());
+            paths.push(
+                pair.ocsp
+                    .clone()
+                    .unwrap_or_else(|| pair.cert.with_extension("ocsp")),
+            );
+        }
+        if let Some(dir) = &config.tls.cert_dir {
+            paths.push(dir.clone());
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                paths.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+            }
+        }
+        paths.extend(config.tls.client_ca.clone());
+        let files = paths
+            .into_iter()
+            .map(|p| (p.clone(), modified(&p)))
+            .collect();
+        Self {
+            files,
+            last_check: Instant::now(),
+        }
+    }
+
+    /// True when any watched file changed since the last call.
+    fn changed(&mut self) -> bool {
+        if self.last_check.elapsed() < Self::PERIOD {
+            return false;
+        }
+        self.last_check = Instant::now();
+        let mut changed = false;
+        for (path, seen) in &mut self.files {
+            let now = modified(path);
+            if now != *seen {
+                *seen = now;
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
 fn modified(path: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
@@ -227,10 +284,19 @@ impl Running {
         overrides: Overrides,
     ) -> anyhow::Result<()> {
         let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        let mut watch = Watch::new(&self.config, config_path.as_deref());
         loop {
+            if watch.changed() {
+                info!("a watched file changed: reloading");
+                self.reload(config_path.as_deref(), &overrides);
+                watch = Watch::new(&self.config, config_path.as_deref());
+            }
             for signal in signals.pending() {
                 match signal {
-                    SIGHUP => self.reload(config_path.as_deref(), &overrides),
+                    SIGHUP => {
+                        self.reload(config_path.as_deref(), &overrides);
+                        watch = Watch::new(&self.config, config_path.as_deref());
+                    }
                     _ => {
                         info!(
                             "signal {signal}: draining (up to {:?})",

@@ -66,6 +66,16 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = String> + '_ {
         .filter(|t| !t.is_empty())
 }
 
+/// What ferrule knows about the client that the origin should learn from headers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Forwarding<'a> {
+    pub client_ip: Option<IpAddr>,
+    /// Header that carries the verified client certificate subject; a client-sent header of
+    /// this name is always removed.
+    pub cert_header: &'a str,
+    pub cert_subject: Option<&'a str>,
+}
+
 /// A parsed request head, with the head to send upstream already written.
 #[derive(Debug)]
 pub struct RequestHead {
@@ -123,7 +133,7 @@ pub enum Parsed<T> {
 pub fn parse_request(
     buf: &[u8],
     limits: &Limits,
-    client: Option<IpAddr>,
+    forwarding: &Forwarding<'_>,
 ) -> Result<Parsed<RequestHead>, Reject> {
     // Limits on the unparsed prefix first: a request line or head that never ends must be
     // refused by size, not by waiting for the header timeout.
@@ -257,6 +267,8 @@ pub fn parse_request(
             || named_by_connection(&connection_tokens, h.name)
             || h.name.eq_ignore_ascii_case("x-forwarded-for")
             || h.name.eq_ignore_ascii_case("x-forwarded-proto")
+            || (!forwarding.cert_header.is_empty()
+                && h.name.eq_ignore_ascii_case(forwarding.cert_header))
         {
             continue;
         }
@@ -266,7 +278,13 @@ pub fn parse_request(
         out.extend_from_slice(b"\r\n");
     }
     let mut extra = String::with_capacity(96);
-    match (forwarded_for, client) {
+    if let Some(subject) = forwarding.cert_subject {
+        // Control characters cannot reach a header value: the subject comes from a verified
+        // certificate, but its text is still attacker-chosen.
+        let clean: String = subject.chars().filter(|c| !c.is_control()).collect();
+        let _ = write!(extra, "{}: {clean}\r\n", forwarding.cert_header);
+    }
+    match (forwarded_for, forwarding.client_ip) {
         (Some(earlier), Some(ip)) => {
             let _ = write!(extra, "X-Forwarded-For: {earlier}, {ip}\r\n");
         }
@@ -438,7 +456,12 @@ mod tests {
     }
 
     fn parse(text: &str) -> Result<RequestHead, Reject> {
-        match parse_request(text.as_bytes(), &limits(), "192.0.2.1".parse().ok())? {
+        let forwarding = Forwarding {
+            client_ip: "192.0.2.1".parse().ok(),
+            cert_header: "X-Client-Cert-Subject",
+            cert_subject: None,
+        };
+        match parse_request(text.as_bytes(), &limits(), &forwarding)? {
             Parsed::Complete(head) => Ok(head),
             Parsed::Partial => panic!("partial"),
         }

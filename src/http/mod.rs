@@ -143,9 +143,14 @@ async fn next_request(
 
     // The rest of the head must arrive within the request-header timeout.
     let deadline = std::time::Instant::now() + config.limits.request_header_timeout;
-    let ip = peer.map(|p| p.ip());
+    let subject = client.io.client_subject.clone();
+    let forwarding = head::Forwarding {
+        client_ip: peer.map(|p| p.ip()),
+        cert_header: &config.tls.client_cert_header,
+        cert_subject: subject.as_deref(),
+    };
     loop {
-        match head::parse_request(client.data(), &config.limits, ip) {
+        match head::parse_request(client.data(), &config.limits, &forwarding) {
             Ok(Parsed::Complete(head)) => {
                 client.consume(head.len);
                 return Some(Ok(head));

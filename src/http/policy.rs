@@ -41,7 +41,7 @@ mod tests {
 
     fn request(text: &str) -> RequestHead {
         let limits = crate::config::Config::default().limits;
-        match parse_request(text.as_bytes(), &limits, None) {
+        match parse_request(text.as_bytes(), &limits, &Default::default()) {
             Ok(Parsed::Complete(head)) => head,
             _ => panic!("test request must parse"),
         }

@@ -58,11 +58,9 @@ async fn serve(mut stream: TcpStream) {
             Some(shard) => {
                 shard.refresh_gauges();
                 let snapshots = shard.collect_metrics().await;
-                (
-                    "200 OK",
-                    "text/plain; version=0.0.4",
-                    super::render(&snapshots),
-                )
+                let mut text = super::render(&snapshots);
+                shard.tls.borrow().material().render_metrics(&mut text);
+                ("200 OK", "text/plain; version=0.0.4", text)
             }
             None => (
                 "503 Service Unavailable",

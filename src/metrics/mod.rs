@@ -41,6 +41,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Client connections that ended before or during the handshake, by reason.",
     ),
     (
+        "ferrule_handshakes_by_certificate_total",
+        "counter",
+        "Completed handshakes by the certificate served.",
+    ),
+    (
         "ferrule_tls_cipher_suites_total",
         "counter",
         "Completed handshakes by negotiated cipher suite.",
@@ -64,6 +69,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "ferrule_upstream_reuses_total",
         "counter",
         "Requests sent on a pooled origin connection.",
+    ),
+    (
+        "ferrule_upstream_tls_handshakes_total",
+        "counter",
+        "TLS handshakes with origins, full or resumed.",
     ),
     (
         "ferrule_upstream_retries_total",

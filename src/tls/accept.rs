@@ -34,6 +34,10 @@ pub struct AcceptedConn {
     pub stream: ServerStream,
     /// rustls accepted 0-RTT data on this connection.
     pub early_data: bool,
+    /// Subject of the client's verified certificate, once the handshake has completed.
+    pub client_subject: Option<String>,
+    /// Metric label of the certificate chosen for this client.
+    cert_label: &'static str,
     started: Instant,
     recorded: bool,
 }
@@ -54,6 +58,15 @@ impl AcceptedConn {
             .protocol_version()
             .unwrap_or(rustls::ProtocolVersion::TLSv1_3);
         metrics::handshake(kind, version, self.started.elapsed());
+        metrics::inc("ferrule_handshakes_by_certificate_total", self.cert_label);
+        self.client_subject = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| {
+                use x509_parser::prelude::FromDer;
+                let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
+                Some(parsed.subject().to_string())
+            });
         if let Some(suite) = conn.negotiated_cipher_suite() {
             metrics::inc(
                 "ferrule_tls_cipher_suites_total",
@@ -167,6 +180,7 @@ pub async fn accept(
             return Err(fail(HandshakeFailure::UnrecognizedName));
         }
     }
+    let cert_label = context.resolver.label(client_hello.server_name());
     let chacha_first =
         !context.cpu.fast_aes_gcm() || super::client_prefers_chacha(client_hello.cipher_suites());
 
@@ -224,6 +238,8 @@ pub async fn accept(
     let mut accepted = AcceptedConn {
         stream: TlsStream::new(tcp, conn),
         early_data: false,
+        client_subject: None,
+        cert_label,
         started,
         recorded: false,
     };

@@ -23,6 +23,10 @@ pub struct CertFile {
     /// Seconds since the epoch after which the certificate is invalid.
     pub not_after: i64,
     pub is_ecdsa: bool,
+    /// Serial number (big-endian, no leading zero), to match OCSP responses.
+    pub serial: Vec<u8>,
+    /// A checked OCSP response to staple, and when it was produced (epoch seconds).
+    pub ocsp: Option<(Vec<u8>, i64)>,
 }
 
 impl Clone for CertFile {
@@ -34,6 +38,8 @@ impl Clone for CertFile {
             names: self.names.clone(),
             not_after: self.not_after,
             is_ecdsa: self.is_ecdsa,
+            serial: self.serial.clone(),
+            ocsp: self.ocsp.clone(),
         }
     }
 }
@@ -83,16 +89,48 @@ impl CertFile {
             }
         }
 
-        let (names, not_after, is_ecdsa) =
+        let described =
             describe(&chain[0]).map_err(|e| format!("certificate {}: {e}", cert_path.display()))?;
+        if described.names.is_empty() {
+            return Err(format!(
+                "certificate {}: no DNS or IP names in subjectAltName, so no client could \
+                 validate it",
+                cert_path.display()
+            ));
+        }
         Ok(Self {
             cert_path: cert_path.to_path_buf(),
             chain,
             key,
-            names,
-            not_after,
-            is_ecdsa,
+            names: described.names,
+            not_after: described.not_after,
+            is_ecdsa: described.is_ecdsa,
+            serial: described.serial,
+            ocsp: None,
         })
+    }
+
+    /// Reads the OCSP response at `path` (when it exists) and keeps it if it is current and
+    /// about this certificate. Problems come back as warnings: the certificate is served
+    /// either way, without a staple.
+    pub fn attach_ocsp(&mut self, path: &Path, explicit: bool) -> Option<String> {
+        let der = match std::fs::read(path) {
+            Ok(der) => der,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return None,
+            Err(e) => return Some(format!("OCSP response {}: {e}", path.display())),
+        };
+        match super::ocsp::check(&der, &self.serial) {
+            Ok(info) => {
+                self.ocsp = Some((der, info.this_update));
+                None
+            }
+            Err(e) => Some(format!("OCSP response {} not stapled: {e}", path.display())),
+        }
+    }
+
+    /// The name used for this certificate in logs and metric labels.
+    pub fn primary_name(&self) -> &str {
+        self.names.first().map_or("unnamed", String::as_str)
     }
 
     /// Days until the certificate expires (negative once it has).
@@ -106,12 +144,21 @@ impl CertFile {
     fn certified_key(&self) -> Result<Arc<CertifiedKey>, String> {
         let signing = rustls::crypto::ring::sign::any_supported_type(&self.key)
             .map_err(|e| format!("{}: {e}", self.cert_path.display()))?;
-        Ok(Arc::new(CertifiedKey::new(self.chain.clone(), signing)))
+        let mut certified = CertifiedKey::new(self.chain.clone(), signing);
+        certified.ocsp = self.ocsp.as_ref().map(|(der, _)| der.clone());
+        Ok(Arc::new(certified))
     }
 }
 
-/// Names, expiry and key type of an end-entity certificate.
-fn describe(cert: &CertificateDer<'_>) -> Result<(Vec<String>, i64, bool), String> {
+struct Described {
+    names: Vec<String>,
+    not_after: i64,
+    is_ecdsa: bool,
+    serial: Vec<u8>,
+}
+
+/// Names, expiry, key type and serial number of an end-entity certificate.
+fn describe(cert: &CertificateDer<'_>) -> Result<Described, String> {
     use x509_parser::prelude::*;
 
     let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| format!("bad X.509: {e}"))?;
@@ -129,7 +176,16 @@ fn describe(cert: &CertificateDer<'_>) -> Result<(Vec<String>, i64, bool), Strin
     }
     let not_after = parsed.validity().not_after.timestamp();
     let is_ecdsa = parsed.public_key().algorithm.algorithm.to_id_string() == "1.2.840.10045.2.1";
-    Ok((names, not_after, is_ecdsa))
+    let serial = match parsed.raw_serial() {
+        [0, rest @ ..] if !rest.is_empty() => rest.to_vec(),
+        other => other.to_vec(),
+    };
+    Ok(Described {
+        names,
+        not_after,
+        is_ecdsa,
+        serial,
+    })
 }
 
 /// Picks the certificate for a handshake from its SNI name and signature schemes.
@@ -139,6 +195,9 @@ pub struct CertResolver {
     /// Keyed by the parent of a `*.` name: `*.example.com` is stored under `example.com`.
     wildcard: HashMap<String, Vec<Arc<CertifiedKey>>>,
     default: Vec<Arc<CertifiedKey>>,
+    /// Metric label of the certificate each configured name selects.
+    labels: HashMap<String, &'static str>,
+    default_label: &'static str,
 }
 
 impl CertResolver {
@@ -148,6 +207,8 @@ impl CertResolver {
         let mut exact: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
         let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
         let mut default = Vec::new();
+        let mut labels = HashMap::new();
+        let default_label = files.first().map_or("", |f| cert_label(f.primary_name()));
         let mut ordered: Vec<&CertFile> = files.iter().collect();
         // ECDSA before RSA within each name, so capable clients get the cheaper signature.
         ordered.sort_by_key(|f| !f.is_ecdsa);
@@ -158,7 +219,9 @@ impl CertResolver {
             if is_default {
                 default.push(key.clone());
             }
+            let label = cert_label(file.primary_name());
             for name in &file.names {
+                labels.entry(name.clone()).or_insert(label);
                 match name.strip_prefix("*.") {
                     Some(parent) => wildcard.entry(parent.to_string()).or_default(),
                     None => exact.entry(name.clone()).or_default(),
@@ -170,6 +233,8 @@ impl CertResolver {
             exact,
             wildcard,
             default,
+            labels,
+            default_label,
         })
     }
 
@@ -186,6 +251,23 @@ impl CertResolver {
     pub fn knows(&self, name: &str) -> bool {
         self.candidates(name).is_some()
     }
+
+    /// The metric label (`cert="..."`) of the certificate served for `name`.
+    pub fn label(&self, name: Option<&str>) -> &'static str {
+        let Some(name) = name else {
+            return self.default_label;
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(label) = self.labels.get(&name) {
+            return label;
+        }
+        let wildcard = name
+            .split_once('.')
+            .map(|(_, parent)| format!("*.{parent}"));
+        wildcard
+            .and_then(|w| self.labels.get(&w).copied())
+            .unwrap_or(self.default_label)
+    }
 }
 
 impl rustls::server::ResolvesServerCert for CertResolver {
@@ -201,4 +283,25 @@ impl rustls::server::ResolvesServerCert for CertResolver {
             .or_else(|| candidates.first())
             .cloned()
     }
+}
+
+/// Interns `cert="NAME"` as a static label. Certificate names are few and change only on
+/// reload, so each distinct name is allocated once for the life of the process.
+fn cert_label(name: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+
+    static LABELS: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let rendered = format!("cert=\"{}\"", name.replace(['"', '\\'], "_"));
+    // Only certificate loading takes this lock, never a handshake.
+    let mut labels = LABELS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(existing) = labels.get(rendered.as_str()) {
+        return existing;
+    }
+    let leaked: &'static str = Box::leak(rendered.into_boxed_str());
+    labels.insert(leaked);
+    leaked
 }

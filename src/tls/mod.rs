@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod certs;
 pub mod hello;
+pub mod ocsp;
 pub mod session;
 pub mod stream;
 pub mod tickets;
@@ -19,7 +20,7 @@ use rustls::crypto::ring as ring_provider;
 use rustls::crypto::CryptoProvider;
 use rustls::{CipherSuite, ServerConfig, SupportedCipherSuite};
 
-use crate::config::{Config, Mode, Resumption};
+use crate::config::{ClientAuth, Config, Mode, Resumption};
 use certs::{CertFile, CertResolver};
 use tickets::{TicketKeyMaterial, Ticketer};
 
@@ -70,6 +71,8 @@ impl CpuFeatures {
 #[derive(Clone)]
 pub struct TlsMaterial {
     pub certs: Vec<CertFile>,
+    /// Roots that client certificates must chain to (empty: client certificates are off).
+    pub client_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub ticket_keys: Vec<TicketKeyMaterial>,
     pub cpu: CpuFeatures,
 }
@@ -85,17 +88,80 @@ impl std::fmt::Debug for TlsMaterial {
 }
 
 impl TlsMaterial {
-    /// Reads certificates and keys named by `config`. `ticket_keys` is the key set in force.
+    /// Reads certificates, keys, OCSP responses and client CAs named by `config`.
+    /// `ticket_keys` is the key set in force. Any unreadable or inconsistent file fails the
+    /// whole load, so that a reload either applies completely or not at all.
     pub fn load(config: &Config, ticket_keys: Vec<TicketKeyMaterial>) -> Result<Self, String> {
-        let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+        let mut certs = Vec::new();
+        for pair in &config.tls.certificates {
+            let mut file = CertFile::load(&pair.cert, &pair.key)?;
+            let (ocsp, explicit) = match &pair.ocsp {
+                Some(path) => (path.clone(), true),
+                None => (pair.cert.with_extension("ocsp"), false),
+            };
+            if let Some(warning) = file.attach_ocsp(&ocsp, explicit) {
+                log::warn!("{warning}");
+            }
+            certs.push(file);
+        }
+        if let Some(dir) = &config.tls.cert_dir {
+            certs.extend(load_cert_dir(dir)?);
+        }
+        if certs.is_empty() {
             return Err("no certificate configured".into());
-        };
-        let file = CertFile::load(cert, key)?;
+        }
+
+        let mut client_roots = Vec::new();
+        if let Some(path) = &config.tls.client_ca {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("client_ca {}: {e}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                client_roots.push(cert.map_err(|e| format!("client_ca {}: {e}", path.display()))?);
+            }
+            if client_roots.is_empty() {
+                return Err(format!("client_ca {}: no certificates", path.display()));
+            }
+        }
         Ok(Self {
-            certs: vec![file],
+            certs,
+            client_roots,
             ticket_keys,
             cpu: CpuFeatures::detect(),
         })
+    }
+
+    /// Certificate facts for the metrics page (expiry, staple age), in Prometheus text.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# HELP ferrule_certificate_expiry_days Days until the certificate expires.\n\
+             # TYPE ferrule_certificate_expiry_days gauge"
+        );
+        for cert in &self.certs {
+            let name = cert.primary_name();
+            let _ = writeln!(
+                out,
+                "ferrule_certificate_expiry_days{{cert=\"{name}\"}} {}",
+                cert.days_left()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ferrule_ocsp_staple_age_seconds Age of the stapled OCSP response \
+             (thisUpdate to now); absent when nothing is stapled.\n\
+             # TYPE ferrule_ocsp_staple_age_seconds gauge"
+        );
+        for cert in &self.certs {
+            if let Some((_, produced)) = cert.ocsp {
+                let age = ocsp::now_seconds() - produced;
+                let name = cert.primary_name();
+                let _ = writeln!(
+                    out,
+                    "ferrule_ocsp_staple_age_seconds{{cert=\"{name}\"}} {age}"
+                );
+            }
+        }
     }
 
     pub fn log_summary(&self) {
@@ -128,6 +194,34 @@ impl TlsMaterial {
             }
         }
     }
+}
+
+/// Loads every `NAME.pem` with its `NAME.key` (and `NAME.ocsp` if present) from `dir`, in
+/// name order. A `.pem` without a key is an error: it is almost always a deployment mistake.
+fn load_cert_dir(dir: &std::path::Path) -> Result<Vec<CertFile>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cert_dir {}: {e}", dir.display()))?;
+    let mut pems: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+        .collect();
+    pems.sort();
+    let mut certs = Vec::new();
+    for pem in pems {
+        let key = pem.with_extension("key");
+        if !key.exists() {
+            return Err(format!(
+                "cert_dir: {} has no key {}",
+                pem.display(),
+                key.display()
+            ));
+        }
+        let mut file = CertFile::load(&pem, &key)?;
+        if let Some(warning) = file.attach_ocsp(&pem.with_extension("ocsp"), false) {
+            log::warn!("{warning}");
+        }
+        certs.push(file);
+    }
+    Ok(certs)
 }
 
 /// Cipher suites in preference order, AES-GCM first or ChaCha20 first.
@@ -197,10 +291,27 @@ impl ServerContext {
                 cipher_suites: cipher_order(chacha_first),
                 ..ring_provider::default_provider()
             };
-            let mut server = ServerConfig::builder_with_provider(Arc::new(provider))
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-                .with_no_client_auth()
-                .with_cert_resolver(resolver.clone());
+            let provider = Arc::new(provider);
+            let builder = ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+            let builder = if material.client_roots.is_empty() {
+                builder.with_no_client_auth()
+            } else {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in &material.client_roots {
+                    roots.add(cert.clone())?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                );
+                let verifier = match config.tls.client_auth {
+                    ClientAuth::Require => verifier.build()?,
+                    ClientAuth::Request => verifier.allow_unauthenticated().build()?,
+                };
+                builder.with_client_cert_verifier(verifier)
+            };
+            let mut server = builder.with_cert_resolver(resolver.clone());
             server.ignore_client_order = true;
             if config.mode == Mode::Http {
                 server.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -252,6 +363,10 @@ impl ServerContext {
     /// Picks the config for one connection.
     pub fn pick(&self, chacha_first: bool, early_data: bool) -> Arc<ServerConfig> {
         self.configs[usize::from(chacha_first) * 2 + usize::from(early_data)].clone()
+    }
+
+    pub fn material(&self) -> &TlsMaterial {
+        &self.material
     }
 
     /// Whether 0-RTT is possible at all with this configuration.
