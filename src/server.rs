@@ -160,6 +160,18 @@ impl Watch {
     }
 }
 
+/// Builds every TLS backend's client config once, so that a bad CA or client certificate
+/// is reported before the shards start (or before a reload is sent to them).
+fn validate_backends(config: &Config) -> anyhow::Result<()> {
+    for backend in &config.backends {
+        if let Some(tls) = &backend.tls {
+            crate::upstream::origin_tls::client_config(tls)
+                .with_context(|| format!("backend {}", backend.address))?;
+        }
+    }
+    Ok(())
+}
+
 fn modified(path: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
@@ -171,6 +183,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let material =
         Arc::new(TlsMaterial::load(&config, keys.current()).map_err(anyhow::Error::msg)?);
     material.log_summary();
+    validate_backends(&config)?;
 
     let cpus = config.shard_cpus();
     let (fds, address) = crate::net::listeners(config.listen, cpus.len(), &cpus, &config.socket)
@@ -239,6 +252,7 @@ impl Running {
         let loaded = Config::load(path, overrides)
             .map_err(|e| e.to_string())
             .and_then(|config| {
+                validate_backends(&config).map_err(|e| format!("{e:#}"))?;
                 TlsMaterial::load(&config, self.keys.current()).map(|tls| (config, tls))
             });
         match loaded {

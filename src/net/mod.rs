@@ -115,26 +115,3 @@ pub fn tune_accepted(stream: &glommio::net::TcpStream, opts: &config::Socket) {
         let _ = socket.set_tcp_keepalive(&keepalive);
     }
 }
-
-/// True when the peer has closed (or sent unexpected bytes on) an idle connection.
-///
-/// A pooled origin connection should have nothing to read; EOF or data both mean it cannot
-/// carry a new request. Uses a non-blocking peek, so it costs one syscall and never waits.
-pub fn idle_socket_is_dead(fd: std::os::fd::RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: `byte` is a valid one-byte buffer; MSG_DONTWAIT makes the call non-blocking and
-    // MSG_PEEK leaves any data in the socket.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        let err = std::io::Error::last_os_error();
-        return err.kind() != std::io::ErrorKind::WouldBlock;
-    }
-    true
-}

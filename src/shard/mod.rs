@@ -186,7 +186,9 @@ impl Shard {
             Control::Reload { config, tls } => match ServerContext::build(&config, &tls) {
                 Ok(context) => {
                     *self.tls.borrow_mut() = Rc::new(context);
-                    self.upstreams.reconfigure(&config);
+                    if let Err(e) = self.upstreams.reconfigure(&config) {
+                        warn!("core {}: backends not reconfigured: {e:#}", self.cpu);
+                    }
                     *self.config.borrow_mut() = config;
                     crate::metrics::inc("ferrule_reloads_total", r#"result="ok""#);
                 }
@@ -244,7 +246,7 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
         index: plan.index,
         cpu: plan.cpu,
         shards: plan.shards,
-        upstreams: Upstreams::new(&config),
+        upstreams: Upstreams::new(&config)?,
         config: RefCell::new(config.clone()),
         tls: RefCell::new(Rc::new(tls)),
         sessions: RefCell::new(sessions),

@@ -3,17 +3,27 @@
 //! Each shard has its own [`Upstreams`]: one idle pool per backend, reused by any client of
 //! that core. Nothing here is shared between cores; a backend that another core found down
 //! is rediscovered by this core's own connect attempt.
+//!
+//! A backend may be reached over TLS. Each shard then holds its own rustls client config
+//! per origin, and with it its own client session cache, so that new origin connections
+//! from that core resume instead of paying for a full handshake.
 
+pub mod origin_tls;
 pub mod tcp;
 pub mod tunnel;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
+use rustls::pki_types::ServerName;
 
 use crate::config::Config;
 use crate::metrics;
@@ -27,9 +37,15 @@ pub enum ConnectError {
     TimedOut,
 }
 
+/// The transport to an origin: plain TCP, or TLS over it.
+pub enum OriginStream {
+    Plain(TcpStream),
+    Tls(Box<crate::tls::stream::TlsStream<TcpStream, rustls::ClientConnection>>),
+}
+
 /// An open connection to one backend.
 pub struct OriginConn {
-    pub stream: TcpStream,
+    pub stream: OriginStream,
     pub backend: usize,
     pub created: Instant,
     /// Came from the idle pool (and may have been closed by the origin meanwhile).
@@ -43,6 +59,9 @@ struct Idle {
 
 struct Backend {
     address: SocketAddr,
+    /// This core's TLS client config for the origin (with its session cache), and the name
+    /// to verify it by.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     down_until: Cell<Option<Instant>>,
     idle: RefCell<VecDeque<Idle>>,
 }
@@ -74,30 +93,35 @@ impl Settings {
     }
 }
 
-fn backends_of(config: &Config) -> Vec<Backend> {
-    config
-        .backends
-        .iter()
-        .map(|b| Backend {
+fn backends_of(config: &Config) -> anyhow::Result<Vec<Backend>> {
+    let mut backends = Vec::new();
+    for b in &config.backends {
+        let tls = match &b.tls {
+            Some(tls) => Some(origin_tls::client_config(tls)?),
+            None => None,
+        };
+        backends.push(Backend {
             address: b.address,
+            tls,
             down_until: Cell::new(None),
             idle: RefCell::new(VecDeque::new()),
-        })
-        .collect()
+        });
+    }
+    Ok(backends)
 }
 
 impl Upstreams {
-    pub fn new(config: &Config) -> Self {
-        Self {
-            backends: RefCell::new(backends_of(config)),
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            backends: RefCell::new(backends_of(config)?),
             next: Cell::new(0),
             settings: RefCell::new(Settings::from(config)),
-        }
+        })
     }
 
     /// Takes a new configuration. Pools of backends that stay are kept.
-    pub fn reconfigure(&self, config: &Config) {
-        let mut fresh = backends_of(config);
+    pub fn reconfigure(&self, config: &Config) -> anyhow::Result<()> {
+        let mut fresh = backends_of(config)?;
         let mut old = self.backends.borrow_mut();
         for backend in &mut fresh {
             if let Some(kept) = old.iter().find(|b| b.address == backend.address) {
@@ -106,6 +130,7 @@ impl Upstreams {
         }
         *old = fresh;
         *self.settings.borrow_mut() = Settings::from(config);
+        Ok(())
     }
 
     /// The backends to try, in round-robin order, skipping those in back-off while any
@@ -136,7 +161,7 @@ impl Upstreams {
     pub async fn checkout(&self) -> Result<OriginConn, ConnectError> {
         let mut last = ConnectError::Refused;
         for index in self.order() {
-            if let Some(conn) = self.pooled(index) {
+            if let Some(conn) = self.pooled(index).await {
                 metrics::inc("ferrule_upstream_reuses_total", "");
                 return Ok(conn);
             }
@@ -150,15 +175,29 @@ impl Upstreams {
 
     /// A new connection to the backend `index` (used for retries after a stale pooled one).
     pub async fn connect(&self, index: usize) -> Result<OriginConn, ConnectError> {
-        let (address, timeout, backoff) = {
+        let (address, tls, timeout, backoff) = {
             let backends = self.backends.borrow();
             let settings = self.settings.borrow();
             let Some(backend) = backends.get(index) else {
                 return Err(ConnectError::Refused);
             };
-            (backend.address, settings.connect_timeout, settings.backoff)
+            let tls = backend.tls.clone();
+            (
+                backend.address,
+                tls,
+                settings.connect_timeout,
+                settings.backoff,
+            )
         };
-        let attempt = crate::tls::accept::with_timeout(timeout, TcpStream::connect(address)).await;
+        let dial = async {
+            let tcp = TcpStream::connect(address).await?;
+            let _ = tcp.set_nodelay(true);
+            match tls {
+                None => Ok(OriginStream::Plain(tcp)),
+                Some((config, name)) => origin_tls::handshake(tcp, config, name).await,
+            }
+        };
+        let attempt = crate::tls::accept::with_timeout(timeout, dial).await;
         let mark_down = |label| {
             metrics::inc("ferrule_upstream_connect_failures_total", label);
             if let Some(backend) = self.backends.borrow().get(index) {
@@ -167,7 +206,6 @@ impl Upstreams {
         };
         match attempt {
             Some(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
                 metrics::inc("ferrule_upstream_connects_total", "");
                 if let Some(backend) = self.backends.borrow().get(index) {
                     backend.down_until.set(None);
@@ -192,22 +230,29 @@ impl Upstreams {
         }
     }
 
-    fn pooled(&self, index: usize) -> Option<OriginConn> {
-        let backends = self.backends.borrow();
-        let settings = self.settings.borrow();
-        let mut idle = backends.get(index)?.idle.borrow_mut();
-        let now = Instant::now();
+    async fn pooled(&self, index: usize) -> Option<OriginConn> {
+        let (max_idle_time, max_age) = {
+            let settings = self.settings.borrow();
+            (settings.max_idle_time, settings.max_age)
+        };
         // Most recently used first: it is the likeliest to be alive and in cache.
-        while let Some(entry) = idle.pop_back() {
-            let fresh = now.duration_since(entry.since) < settings.max_idle_time
-                && now.duration_since(entry.conn.created) < settings.max_age;
-            if fresh && !crate::net::idle_socket_is_dead(entry.conn.stream.as_raw_fd()) {
-                let mut conn = entry.conn;
+        loop {
+            let entry = self
+                .backends
+                .borrow()
+                .get(index)?
+                .idle
+                .borrow_mut()
+                .pop_back()?;
+            let now = Instant::now();
+            let fresh = now.duration_since(entry.since) < max_idle_time
+                && now.duration_since(entry.conn.created) < max_age;
+            let mut conn = entry.conn;
+            if fresh && conn.stream.is_idle_and_open().await {
                 conn.reused = true;
                 return Some(conn);
             }
         }
-        None
     }
 
     /// Returns a connection whose last response was fully read, for reuse.
@@ -230,36 +275,87 @@ impl Upstreams {
     }
 }
 
-impl futures_lite::io::AsyncRead for OriginConn {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut [u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+impl OriginStream {
+    /// True when an idle pooled connection can carry a request: reading would block.
+    ///
+    /// End-of-file, an error or application data all mean it cannot. For TLS, records the
+    /// origin sent while idle (a TLS 1.3 NewSessionTicket, say) are processed by the same
+    /// read without being taken for data.
+    async fn is_idle_and_open(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        futures_lite::future::poll_once(self.read(&mut byte))
+            .await
+            .is_none()
     }
 }
 
-impl futures_lite::io::AsyncWrite for OriginConn {
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self.get_mut() {
+            OriginStream::Plain($s) => {
+                let $s = Pin::new($s);
+                $call
+            }
+            OriginStream::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $call
+            }
+        }
+    };
+}
+
+impl AsyncRead for OriginStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for OriginStream {
     fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
     }
 
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
     }
 
-    fn poll_close(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_close(cx)
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, s => s.poll_close(cx))
+    }
+}
+
+impl AsyncRead for OriginConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for OriginConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_close(cx)
     }
 }
