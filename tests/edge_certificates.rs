@@ -1,0 +1,672 @@
+//! Edge certificate behaviour against real peers: SNI selection, strict SNI, ECDSA/RSA choice,
+//! OCSP stapling, hot reload, origin TLS with resumption and client certificates.
+//!
+//! Certificates are made with the `openssl` command line (also needed for the OCSP response),
+//! clients are `openssl s_client` and `curl`, origins are real sockets.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+// ---- fixtures ------------------------------------------------------------------------------
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferrule-edge-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`ca.pem`, `ca.key`) in `dir`.
+fn make_ca(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=edge test CA",
+        ],
+    );
+}
+
+/// A leaf `NAME.pem`/`NAME.key` signed by the CA, for `names` (first is the CN).
+fn make_leaf(dir: &Path, file: &str, names: &[&str], rsa: bool) {
+    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    std::fs::write(
+        dir.join(format!("{file}.ext")),
+        format!(
+            "subjectAltName={}\nbasicConstraints=CA:FALSE\n",
+            san.join(",")
+        ),
+    )
+    .unwrap();
+    let key = format!("{file}.key");
+    let csr = format!("{file}.csr");
+    let subject = format!("/CN={}", names[0]);
+    let mut req = vec![
+        "req", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subject,
+    ];
+    if rsa {
+        req.extend(["-newkey", "rsa:2048"]);
+    } else {
+        req.extend(["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+    }
+    openssl(dir, &req);
+    let pem = format!("{file}.pem");
+    let ext = format!("{file}.ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "30",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
+/// A running ferrule, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Ferrule {
+    child: Child,
+    port: u16,
+    admin: u16,
+}
+
+impl Drop for Ferrule {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts ferrule with `config` (TOML; `listen`, `admin` and `cores` are added here).
+fn start(dir: &Path, config: &str) -> Ferrule {
+    let (port, admin) = (free_port(), free_port());
+    let text = format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\ncores = 2\n{config}"
+    );
+    let path = dir.join("ferrule.toml");
+    std::fs::write(&path, text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ferrule = Ferrule { child, port, admin };
+    wait_for_port(port);
+    wait_for_port(admin);
+    ferrule
+}
+
+/// A plain HTTP origin answering 200 with a body naming the request's client-cert header.
+fn origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || serve_origin(stream, &log));
+        }
+    });
+    (address, seen)
+}
+
+fn serve_origin(mut stream: TcpStream, log: &Mutex<Vec<String>>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.drain(..end + 4);
+            log.lock().unwrap().push(head);
+            let body = b"origin ok\n";
+            let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            if stream
+                .write_all(response.as_bytes())
+                .and_then(|_| stream.write_all(body))
+                .is_err()
+            {
+                return;
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Runs `openssl s_client` with `args` against ferrule and returns its output.
+fn s_client(port: u16, args: &[&str]) -> String {
+    let connect = format!("127.0.0.1:{port}");
+    let mut child = Command::new("timeout")
+        .args(["10", "openssl", "s_client", "-connect", &connect])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn served_subject(port: u16, args: &[&str]) -> String {
+    let out = s_client(port, args);
+    out.lines()
+        .find(|l| l.starts_with("subject="))
+        .map(|l| l.trim_start_matches("subject=").trim().to_string())
+        .unwrap_or_default()
+}
+
+fn metrics(admin: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// Sum of a metric family's samples whose line contains every one of `parts`.
+fn metric_sum(text: &str, name: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn curl(port: u16, dir: &Path, host: &str, extra: &[&str]) -> (bool, String) {
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let url = format!("https://{host}:{port}/");
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            "ca.pem",
+            "--resolve",
+            &resolve,
+        ])
+        .args(extra)
+        .arg(&url)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+fn two_names(dir: &Path, origin: SocketAddr) -> String {
+    make_ca(dir);
+    make_leaf(dir, "a", &["a.test"], false);
+    make_leaf(dir, "b", &["*.b.test"], false);
+    format!(
+        "[tls]\ncert = \"{d}/a.pem\"\nkey = \"{d}/a.key\"\n\
+         [[tls.certificate]]\ncert = \"{d}/b.pem\"\nkey = \"{d}/b.key\"\n\
+         [[backend]]\naddress = \"{origin}\"\n",
+        d = dir.display()
+    )
+}
+
+// ---- tests ---------------------------------------------------------------------------------
+
+#[test]
+fn sni_picks_exact_wildcard_and_default_certificates() {
+    let dir = scratch("sni");
+    let (origin, _) = origin();
+    let ferrule = start(&dir, &two_names(&dir, origin));
+
+    assert!(served_subject(ferrule.port, &["-servername", "a.test"]).contains("a.test"));
+    assert!(served_subject(ferrule.port, &["-servername", "x.b.test"]).contains("*.b.test"));
+    // A wildcard covers one label only: deeper names get the default certificate.
+    assert!(served_subject(ferrule.port, &["-servername", "y.x.b.test"]).contains("a.test"));
+    assert!(served_subject(ferrule.port, &["-servername", "other.test"]).contains("a.test"));
+    assert!(served_subject(ferrule.port, &["-noservername"]).contains("a.test"));
+
+    let text = metrics(ferrule.admin);
+    assert!(
+        metric_sum(
+            &text,
+            "ferrule_handshakes_by_certificate_total",
+            &["*.b.test"]
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn strict_sni_refuses_unknown_names_with_unrecognized_name() {
+    let dir = scratch("strict");
+    let (origin, _) = origin();
+    let config = two_names(&dir, origin).replace("[tls]\n", "[tls]\nstrict_sni = true\n");
+    let ferrule = start(&dir, &config);
+
+    let refused = s_client(ferrule.port, &["-servername", "other.test"]);
+    assert!(refused.contains("unrecognized name"), "{refused}");
+    assert!(served_subject(ferrule.port, &["-servername", "a.test"]).contains("a.test"));
+    let text = metrics(ferrule.admin);
+    let failures = r#"reason="unrecognized_name""#;
+    assert!(metric_sum(&text, "ferrule_handshake_failures_total", &[failures]) >= 1.0);
+}
+
+#[test]
+fn signature_algorithms_choose_between_ecdsa_and_rsa_certificates() {
+    let dir = scratch("sigalgs");
+    let (origin, _) = origin();
+    make_ca(&dir);
+    make_leaf(&dir, "ec", &["both.test"], false);
+    make_leaf(&dir, "rsa", &["both.test"], true);
+    let config = format!(
+        "[tls]\ncert = \"{d}/ec.pem\"\nkey = \"{d}/ec.key\"\n\
+         [[tls.certificate]]\ncert = \"{d}/rsa.pem\"\nkey = \"{d}/rsa.key\"\n\
+         [[backend]]\naddress = \"{origin}\"\n",
+        d = dir.display()
+    );
+    let ferrule = start(&dir, &config);
+
+    let rsa = s_client(
+        ferrule.port,
+        &[
+            "-servername",
+            "both.test",
+            "-sigalgs",
+            "rsa_pss_rsae_sha256",
+        ],
+    );
+    assert!(rsa.contains("Peer signature type: RSA-PSS"), "{rsa}");
+    let ec = s_client(
+        ferrule.port,
+        &["-servername", "both.test", "-sigalgs", "ECDSA+SHA256"],
+    );
+    assert!(ec.contains("Peer signature type: ECDSA"), "{ec}");
+}
+
+/// Makes a DER OCSP response for `leaf.pem` with `openssl ocsp`, acting as the CA's responder.
+fn ocsp_response(dir: &Path, leaf: &str, out: &str) {
+    let serial = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in", leaf])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let serial = String::from_utf8_lossy(&serial.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_string();
+    let subject = Command::new("openssl")
+        .args([
+            "x509", "-noout", "-subject", "-nameopt", "compat", "-in", leaf,
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let subject = String::from_utf8_lossy(&subject.stdout)
+        .trim()
+        .trim_start_matches("subject=")
+        .to_string();
+    std::fs::write(
+        dir.join("index.txt"),
+        format!("V\t301231235959Z\t\t{serial}\tunknown\t{subject}\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "ocsp",
+            "-issuer",
+            "ca.pem",
+            "-cert",
+            leaf,
+            "-reqout",
+            "req.der",
+            "-no_nonce",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "ocsp",
+            "-index",
+            "index.txt",
+            "-rsigner",
+            "ca.pem",
+            "-rkey",
+            "ca.key",
+            "-CA",
+            "ca.pem",
+            "-reqin",
+            "req.der",
+            "-respout",
+            out,
+            "-ndays",
+            "2",
+        ],
+    );
+}
+
+#[test]
+fn a_matching_ocsp_response_is_stapled_and_a_foreign_one_is_not() {
+    let dir = scratch("ocsp");
+    let (origin, _) = origin();
+    let config = two_names(&dir, origin);
+    // a.ocsp sits beside a.pem and matches it; b gets a response made for a.
+    ocsp_response(&dir, "a.pem", "a.ocsp");
+    std::fs::copy(dir.join("a.ocsp"), dir.join("b.ocsp")).unwrap();
+    let ferrule = start(&dir, &config);
+
+    let stapled = s_client(ferrule.port, &["-servername", "a.test", "-status"]);
+    assert!(
+        stapled.contains("OCSP Response Status: successful"),
+        "{stapled}"
+    );
+    let foreign = s_client(ferrule.port, &["-servername", "x.b.test", "-status"]);
+    assert!(
+        foreign.contains("OCSP response: no response sent"),
+        "{foreign}"
+    );
+    let text = metrics(ferrule.admin);
+    assert!(
+        text.contains(r#"ferrule_ocsp_staple_age_seconds{cert="a.test"}"#),
+        "{text}"
+    );
+    assert!(!text.contains(r#"ferrule_ocsp_staple_age_seconds{cert="*.b.test"}"#));
+}
+
+#[test]
+fn reload_under_load_changes_the_certificate_without_failed_requests() {
+    let dir = scratch("reload");
+    let (origin, _) = origin();
+    let config = two_names(&dir, origin);
+    let ferrule = start(&dir, &config);
+    assert!(served_subject(ferrule.port, &["-servername", "a.test"]).contains("CN = a.test"));
+
+    // Load: sequential curl requests on a few threads for the duration of the swap.
+    let stop = Arc::new(AtomicUsize::new(0));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (stop, ok, failed, dir) = (stop.clone(), ok.clone(), failed.clone(), dir.clone());
+        let port = ferrule.port;
+        workers.push(std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while stop.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+                let (success, body) = curl(port, &dir, "a.test", &[]);
+                if success && body == "origin ok\n" {
+                    &ok
+                } else {
+                    &failed
+                }
+                .fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A new certificate for the same name (new CN), swapped in by rename.
+    make_leaf(&dir, "a2", &["a.test", "renewed.a.test"], false);
+    std::fs::rename(dir.join("a2.key"), dir.join("a.key.new")).unwrap();
+    std::fs::rename(dir.join("a2.pem"), dir.join("a.pem.new")).unwrap();
+    std::fs::rename(dir.join("a.key.new"), dir.join("a.key")).unwrap();
+    std::fs::rename(dir.join("a.pem.new"), dir.join("a.pem")).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &ferrule.child.id().to_string()])
+        .status();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut renewed = false;
+    while Instant::now() < deadline && !renewed {
+        let out = s_client(ferrule.port, &["-servername", "a.test", "-showcerts"]);
+        renewed = out.contains("renewed.a.test") || certificate_has_name(&out, "renewed.a.test");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(1, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(renewed, "the new certificate was never served");
+    assert!(
+        ok.load(Ordering::Relaxed) > 10,
+        "too little load to prove anything"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the reload"
+    );
+    let text = metrics(ferrule.admin);
+    assert!(metric_sum(&text, "ferrule_reloads_total", &[r#"result="ok""#]) >= 1.0);
+}
+
+/// True if the leaf certificate in `s_client -showcerts` output carries `name` in its SAN.
+fn certificate_has_name(s_client_output: &str, name: &str) -> bool {
+    let Some(start) = s_client_output.find("-----BEGIN CERTIFICATE-----") else {
+        return false;
+    };
+    let Some(len) = s_client_output[start..].find("-----END CERTIFICATE-----") else {
+        return false;
+    };
+    let pem = &s_client_output[start..start + len + 25];
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pem.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(name)
+}
+
+#[test]
+fn a_broken_reload_keeps_the_old_certificate_in_service() {
+    let dir = scratch("badreload");
+    let (origin, _) = origin();
+    let ferrule = start(&dir, &two_names(&dir, origin));
+
+    std::fs::write(
+        dir.join("a.pem"),
+        "-----BEGIN CERTIFICATE-----\nhalf written",
+    )
+    .unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &ferrule.child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failed = loop {
+        let text = metrics(ferrule.admin);
+        let failed = metric_sum(&text, "ferrule_reloads_total", &[r#"result="failed""#]);
+        if failed >= 1.0 || Instant::now() > deadline {
+            break failed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(failed >= 1.0, "the failed reload was not counted");
+    assert!(served_subject(ferrule.port, &["-servername", "a.test"]).contains("a.test"));
+    let (ok, body) = curl(ferrule.port, &dir, "a.test", &[]);
+    assert!(ok && body == "origin ok\n");
+}
+
+#[test]
+fn origin_connections_over_tls_resume_after_the_first() {
+    let dir = scratch("origintls");
+    make_ca(&dir);
+    make_leaf(&dir, "front", &["front.test"], false);
+    make_leaf(&dir, "origin", &["origin.test"], false);
+    let origin_port = free_port();
+    let accept = format!("127.0.0.1:{origin_port}");
+    // `-www` answers each request with a status page and closes, so every request needs a
+    // new origin connection: exactly what origin-side resumption is for.
+    let mut s_server = Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            &accept,
+            "-cert",
+            "origin.pem",
+            "-key",
+            "origin.key",
+        ])
+        .args(["-www", "-quiet"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(origin_port);
+    let config = format!(
+        "[tls]\ncert = \"{d}/front.pem\"\nkey = \"{d}/front.key\"\n\
+         [[backend]]\naddress = \"{accept}\"\ntls = true\nsni = \"origin.test\"\n\
+         ca_file = \"{d}/ca.pem\"\n",
+        d = dir.display()
+    );
+    let ferrule = start(&dir, &config);
+
+    for _ in 0..8 {
+        let (ok, _) = curl(ferrule.port, &dir, "front.test", &[]);
+        assert!(ok, "request through the TLS origin failed");
+    }
+    let text = metrics(ferrule.admin);
+    let resumed = metric_sum(
+        &text,
+        "ferrule_upstream_tls_handshakes_total",
+        &[r#"kind="resumed""#],
+    );
+    let full = metric_sum(
+        &text,
+        "ferrule_upstream_tls_handshakes_total",
+        &[r#"kind="full""#],
+    );
+    let _ = s_server.kill();
+    let _ = s_server.wait();
+    // One full handshake per core at most; everything after resumes.
+    assert!(full <= 2.0, "{text}");
+    assert!(resumed >= 6.0, "{text}");
+}
+
+#[test]
+fn client_certificates_are_required_and_their_subject_reaches_the_origin() {
+    let dir = scratch("mtls");
+    let (origin, seen) = origin();
+    make_ca(&dir);
+    make_leaf(&dir, "front", &["front.test"], false);
+    make_leaf(&dir, "client", &["client.test"], false);
+    let config = format!(
+        "[tls]\ncert = \"{d}/front.pem\"\nkey = \"{d}/front.key\"\nclient_ca = \"{d}/ca.pem\"\n\
+         [[backend]]\naddress = \"{origin}\"\n",
+        d = dir.display()
+    );
+    let ferrule = start(&dir, &config);
+
+    let (without, _) = curl(ferrule.port, &dir, "front.test", &[]);
+    assert!(!without, "a client without a certificate was served");
+    let forged = ["-H", "X-Client-Cert-Subject: CN=admin"];
+    let (with, body) = curl(
+        ferrule.port,
+        &dir,
+        "front.test",
+        &[
+            &["--cert", "client.pem", "--key", "client.key"][..],
+            &forged[..],
+        ]
+        .concat(),
+    );
+    assert!(with && body == "origin ok\n");
+    let heads = seen.lock().unwrap();
+    let head = heads.last().expect("the origin saw the request");
+    assert!(
+        head.contains("X-Client-Cert-Subject: CN=client.test"),
+        "{head}"
+    );
+    assert!(
+        !head.contains("CN=admin"),
+        "a client-sent subject header was forwarded: {head}"
+    );
+}
