@@ -79,7 +79,16 @@ pub async fn serve(
     let mut served: u64 = 0;
     loop {
         let next = match next_request(shard, &mut client, peer, config, served).await {
-            Some(Ok(head)) => exchange(shard, &mut client, head, config).await,
+            Some(Ok(mut head)) => {
+                // The last response on this connection says so, so that the client does not
+                // send another request into a closing connection.
+                if served + 1 >= config.limits.max_requests_per_connection
+                    || shard.drain.is_draining()
+                {
+                    head.keep_alive = false;
+                }
+                exchange(shard, &mut client, head, config).await
+            }
             Some(Err(reject)) => {
                 respond(&mut client, reject.status, reject.reason, true).await;
                 Next::Close

@@ -293,8 +293,28 @@ async fn read_client_hello(
     }
 }
 
+/// How long a lookup that found nothing waits before asking once more. A session issued
+/// on another core may still be on its way home: a client can reconnect faster than the
+/// issuing core's message is handled, above all on a busy machine. Only lookups of unknown
+/// sessions pay this; a replayed ticket is recognised at once.
+const UNKNOWN_SESSION_RETRY: Duration = Duration::from_millis(2);
+
 /// Fetches a session from its home core (or from this core's own partition).
 async fn resolve_session(
+    shard: &Rc<Shard>,
+    key: &[u8],
+    take: bool,
+) -> Result<(Vec<u8>, Duration), SessionMiss> {
+    match lookup_once(shard, key, take).await {
+        Err(SessionMiss::Unknown) => {
+            glommio::timer::sleep(UNKNOWN_SESSION_RETRY).await;
+            lookup_once(shard, key, take).await
+        }
+        other => other,
+    }
+}
+
+async fn lookup_once(
     shard: &Rc<Shard>,
     key: &[u8],
     take: bool,
