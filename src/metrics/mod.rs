@@ -208,16 +208,51 @@ pub fn connection_closed() {
 }
 
 /// Records a completed handshake.
-pub fn handshake(kind: HandshakeKind, version: rustls::ProtocolVersion, took: Duration) {
-    let labels = match (kind, version) {
-        (HandshakeKind::Full, rustls::ProtocolVersion::TLSv1_3) => r#"kind="full",version="1.3""#,
-        (HandshakeKind::Full, _) => r#"kind="full",version="1.2""#,
-        (HandshakeKind::Resumed, rustls::ProtocolVersion::TLSv1_3) => {
-            r#"kind="resumed",version="1.3""#
-        }
-        (HandshakeKind::Resumed, _) => r#"kind="resumed",version="1.2""#,
+/// `ferrule_handshakes_total` labels by [kind][version: 1.2, 1.3][resumption mode].
+const HANDSHAKE_LABELS: [[[&str; 3]; 2]; 2] = [
+    [
+        [
+            r#"kind="full",version="1.2",resumption="cache""#,
+            r#"kind="full",version="1.2",resumption="tickets""#,
+            r#"kind="full",version="1.2",resumption="off""#,
+        ],
+        [
+            r#"kind="full",version="1.3",resumption="cache""#,
+            r#"kind="full",version="1.3",resumption="tickets""#,
+            r#"kind="full",version="1.3",resumption="off""#,
+        ],
+    ],
+    [
+        [
+            r#"kind="resumed",version="1.2",resumption="cache""#,
+            r#"kind="resumed",version="1.2",resumption="tickets""#,
+            r#"kind="resumed",version="1.2",resumption="off""#,
+        ],
+        [
+            r#"kind="resumed",version="1.3",resumption="cache""#,
+            r#"kind="resumed",version="1.3",resumption="tickets""#,
+            r#"kind="resumed",version="1.3",resumption="off""#,
+        ],
+    ],
+];
+
+pub fn handshake(
+    kind: HandshakeKind,
+    version: rustls::ProtocolVersion,
+    mode: crate::config::Resumption,
+    took: Duration,
+) {
+    let kind = usize::from(kind == HandshakeKind::Resumed);
+    let version = usize::from(version == rustls::ProtocolVersion::TLSv1_3);
+    let mode = match mode {
+        crate::config::Resumption::Cache => 0,
+        crate::config::Resumption::Tickets => 1,
+        crate::config::Resumption::Off => 2,
     };
-    inc("ferrule_handshakes_total", labels);
+    inc(
+        "ferrule_handshakes_total",
+        HANDSHAKE_LABELS[kind][version][mode],
+    );
     CORE.with(|m| m.handshake_us.borrow_mut().saturating_record(micros(took)));
 }
 

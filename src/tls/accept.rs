@@ -26,6 +26,9 @@ use crate::shard::{Message, SessionMiss, Shard};
 /// The client-facing stream type.
 pub type ServerStream = TlsStream<TcpStream, ServerConnection>;
 
+/// Plaintext bytes rustls may queue per connection (see where it is set).
+const PLAINTEXT_BUFFER_LIMIT: usize = 64 * 1024;
+
 /// Largest ClientHello accepted (several records; post-quantum key shares are ~1.2 KiB).
 const MAX_CLIENT_HELLO: usize = 32 * 1024;
 
@@ -36,6 +39,8 @@ pub struct AcceptedConn {
     pub early_data: bool,
     /// Subject of the client's verified certificate, once the handshake has completed.
     pub client_subject: Option<String>,
+    /// The resumption mode in force when the connection was accepted.
+    resumption: crate::config::Resumption,
     /// Metric label of the certificate chosen for this client.
     cert_label: &'static str,
     started: Instant,
@@ -57,7 +62,7 @@ impl AcceptedConn {
         let version = conn
             .protocol_version()
             .unwrap_or(rustls::ProtocolVersion::TLSv1_3);
-        metrics::handshake(kind, version, self.started.elapsed());
+        metrics::handshake(kind, version, self.resumption, self.started.elapsed());
         metrics::inc("ferrule_handshakes_by_certificate_total", self.cert_label);
         self.client_subject = conn
             .peer_certificates()
@@ -224,7 +229,7 @@ pub async fn accept(
     let server_config = context.pick(chacha_first, !refuse_early);
     let converted = accepted.into_connection(server_config);
     super::session::clear_prefetch();
-    let conn = match converted {
+    let mut conn = match converted {
         Ok(conn) => conn,
         Err((_, mut alert)) => {
             let mut out = Vec::new();
@@ -234,11 +239,16 @@ pub async fn accept(
         }
     };
 
+    // Plaintext rustls may hold for this connection before writes push back: two of the
+    // proxy's 32 KiB write batches, so a batch never waits on the previous one's records.
+    conn.set_buffer_limit(Some(PLAINTEXT_BUFFER_LIMIT));
+
     // 6. Hand over now (0-RTT), or finish the handshake first.
     let mut accepted = AcceptedConn {
         stream: TlsStream::new(tcp, conn),
         early_data: false,
         client_subject: None,
+        resumption: config.tls.resumption,
         cert_label,
         started,
         recorded: false,

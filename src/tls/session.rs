@@ -288,6 +288,21 @@ mod tests {
     }
 
     #[test]
+    fn a_million_sessions_stay_within_the_configured_bound() {
+        let bound = 16 << 20;
+        let mut p = partition(1_000_000, bound);
+        let value = vec![7u8; 200];
+        for i in 0..1_000_000u64 {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&i.to_be_bytes());
+            p.insert(key.to_vec(), value.clone());
+            assert!(p.bytes() <= bound);
+        }
+        // 328 bytes charged per entry: the byte bound, not the entry bound, is what holds.
+        assert_eq!(p.len(), bound / (32 + 200 + ENTRY_OVERHEAD));
+    }
+
+    #[test]
     fn home_core_is_stable_and_in_range() {
         for shards in 1..8 {
             let home = home_core(b"some ticket", shards);

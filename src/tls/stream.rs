@@ -142,6 +142,14 @@ where
             self.transport_eof = true;
         }
         if let Err(error) = self.conn.process_new_packets() {
+            if error
+                == rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::TooMuchEarlyDataReceived)
+            {
+                crate::metrics::inc(
+                    "ferrule_early_data_total",
+                    r#"result="refused",reason="too_large""#,
+                );
+            }
             // Send the alert rustls queued for the peer, best effort: the connection is
             // over either way.
             let _ = self.poll_write_tls(cx);
