@@ -207,7 +207,6 @@ pub fn connection_closed() {
     CORE.with(|m| m.active_connections.set(m.active_connections.get() - 1));
 }
 
-/// Records a completed handshake.
 /// `ferrule_handshakes_total` labels by [kind][version: 1.2, 1.3][resumption mode].
 const HANDSHAKE_LABELS: [[[&str; 3]; 2]; 2] = [
     [
@@ -236,6 +235,7 @@ const HANDSHAKE_LABELS: [[[&str; 3]; 2]; 2] = [
     ],
 ];
 
+/// Records a completed handshake.
 pub fn handshake(
     kind: HandshakeKind,
     version: rustls::ProtocolVersion,
