@@ -210,7 +210,7 @@ pub async fn accept(
     let server_config = context.pick(chacha_first, !refuse_early);
     let converted = accepted.into_connection(server_config);
     super::session::clear_prefetch();
-    let conn = match converted {
+    let mut conn = match converted {
         Ok(conn) => conn,
         Err((_, mut alert)) => {
             let mut out = Vec::new();
@@ -219,6 +219,16 @@ pub async fn accept(
             return Err(fail(HandshakeFailure::Rejected));
         }
     };
+    // Records that arrived together with the ClientHello (the client's 0-RTT data, above
+    // all) are still buffered, unprocessed, in rustls: `into_connection` handles only the
+    // ClientHello. Process them now; otherwise the early request is not seen until the
+    // client's next flight (its Finished) arrives, and 0-RTT degrades to 1-RTT.
+    if conn.process_new_packets().is_err() {
+        let mut out = Vec::new();
+        while conn.wants_write() && conn.write_tls(&mut out).is_ok() {}
+        let _ = tcp.write_all(&out).await;
+        return Err(fail(HandshakeFailure::Rejected));
+    }
 
     // 6. Hand over now (0-RTT), or finish the handshake first.
     let mut accepted = AcceptedConn {
