@@ -128,3 +128,48 @@ fn tcp_mode_copies_bytes_both_ways() {
         "the client's bytes changed on the way"
     );
 }
+
+#[test]
+fn sighup_applies_a_good_config_and_keeps_serving_through_a_bad_one() {
+    let old = Backend::start(|_, conn| {
+        respond(conn.get_mut(), 200, &[], b"old")?;
+        Ok(After::KeepAlive)
+    });
+    let new = Backend::start(|_, conn| {
+        respond(conn.get_mut(), 200, &[], b"new")?;
+        Ok(After::KeepAlive)
+    });
+    let pki = Pki::new();
+    let config = pki.dir.join("reload.toml");
+    let backend_toml = |addr: std::net::SocketAddr| format!("[[backend]]\naddress = \"{addr}\"\n");
+    std::fs::write(&config, backend_toml(old.addr)).unwrap();
+    let ferrule = Launch::without_backend(&pki).config_file(&config).start();
+    let client = tls13(&pki);
+    assert_eq!(get(ferrule.port, &client, "/r").body, b"old");
+
+    std::fs::write(&config, "[limits]\nidle_timout_ms = 5\n").unwrap();
+    ferrule.signal(libc::SIGHUP);
+    for core in ["0", "1"] {
+        ferrule.wait_metric(
+            "ferrule_reloads_total",
+            &[("core", core), ("result", "failed")],
+            |n| n >= 1.0,
+        );
+    }
+    assert_eq!(get(ferrule.port, &client, "/r").body, b"old");
+
+    std::fs::write(&config, backend_toml(new.addr)).unwrap();
+    ferrule.signal(libc::SIGHUP);
+    for core in ["0", "1"] {
+        ferrule.wait_metric(
+            "ferrule_reloads_total",
+            &[("core", core), ("result", "ok")],
+            |n| n >= 1.0,
+        );
+    }
+    for i in 0..10 {
+        on_cpu(i, || {
+            assert_eq!(get(ferrule.port, &client, "/r").body, b"new", "request {i}");
+        });
+    }
+}

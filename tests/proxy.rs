@@ -391,3 +391,64 @@ fn curl_gets_and_posts_through_the_proxy() {
     assert_eq!(seen[1].method, "GET");
     assert_eq!(seen[0].header("X-Forwarded-Proto"), Some("https"));
 }
+
+#[test]
+fn origin_closing_pooled_connections_is_invisible_to_clients() {
+    // Every origin connection serves one response (without saying so) and is closed.
+    let backend = Backend::start(|request, conn| {
+        respond(conn.get_mut(), 200, &[], request.target.as_bytes())?;
+        Ok(After::Close)
+    });
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    for i in 0..30 {
+        let target = format!("/stale/{i}");
+        let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let response = client.exchange(request.as_bytes());
+        assert_eq!(response.status, 200, "request {i}");
+        assert_eq!(response.text(), target);
+    }
+    for i in 0..30 {
+        assert_eq!(backend.requests_to(&format!("/stale/{i}")).len(), 1);
+    }
+}
+
+#[test]
+fn close_delimited_response_is_rechunked_for_http11_clients() {
+    let body = pattern(50_000, 21);
+    let reply = body.clone();
+    let backend = Backend::start(move |_, conn| {
+        conn.get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\nX-Framing: none\r\n\r\n")?;
+        conn.get_mut().write_all(&reply)?;
+        Ok(After::Close)
+    });
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    for _ in 0..2 {
+        let response = client.exchange(b"GET /eof HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        assert_eq!(response.status, 200);
+        assert!(response.chunked, "{:?}", response.headers);
+        assert!(response.body == body, "close-delimited body differs");
+    }
+}
+
+#[test]
+fn head_response_without_body_keeps_the_connection_usable() {
+    let backend = Backend::start(|request, conn| {
+        if request.method == "HEAD" {
+            conn.get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")?;
+        } else {
+            respond(conn.get_mut(), 200, &[], b"body")?;
+        }
+        Ok(After::KeepAlive)
+    });
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    let head = client.exchange(b"HEAD /h HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(head.status, 200);
+    let get = client.exchange(b"GET /h HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(get.status, 200);
+    assert_eq!(get.body, b"body");
+}

@@ -224,14 +224,19 @@ impl Launch {
     /// `serve` on 127.0.0.1:0 with both cores, this PKI, one backend and an admin endpoint
     /// on a port the kernel picks (ferrule logs both addresses).
     pub fn new(pki: &Pki, backend: SocketAddr) -> Self {
+        Self::without_backend(pki)
+            .arg("--backend")
+            .arg(backend.to_string())
+    }
+
+    /// Like [`new`](Self::new), for a configuration file that names the backends.
+    pub fn without_backend(pki: &Pki) -> Self {
         let args: Vec<OsString> = vec![
             "serve".into(),
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--cores".into(),
             "2".into(),
-            "--backend".into(),
-            backend.to_string().into(),
             "--cert".into(),
             pki.cert_pem.clone().into(),
             "--key".into(),
@@ -260,6 +265,10 @@ impl Launch {
     pub fn config(self, dir: &TempDir, toml: &str) -> Self {
         let path = dir.join(&format!("{}.toml", unique("config")));
         std::fs::write(&path, toml).expect("write config");
+        self.config_file(&path)
+    }
+
+    pub fn config_file(self, path: &Path) -> Self {
         self.arg("--config").arg(path)
     }
 
