@@ -173,3 +173,30 @@ fn sighup_applies_a_good_config_and_keeps_serving_through_a_bad_one() {
         });
     }
 }
+
+#[test]
+fn tcp_mode_passes_a_half_close_and_ends_with_close_notify() {
+    // The origin reads until the client is done sending, then answers and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).unwrap();
+        let _ = stream.write_all(format!("GOT {}\n", got.len()).as_bytes());
+    });
+    let pki = Pki::new();
+    let ferrule = Launch::new(&pki, origin).args(["--mode", "tcp"]).start();
+    let mut tls = tls_connect(ferrule.port, &tls13(&pki));
+    tls.write_all(&[7u8; 5000]).unwrap();
+    tls.conn.send_close_notify();
+    tls.flush().unwrap();
+    let mut answer = Vec::new();
+    let read = tls.read_to_end(&mut answer);
+    assert_eq!(String::from_utf8_lossy(&answer), "GOT 5000\n");
+    assert!(
+        read.is_ok(),
+        "the stream should end with close_notify, not a bare TCP close: {read:?}"
+    );
+}
