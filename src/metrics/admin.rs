@@ -15,7 +15,9 @@ const MAX_REQUEST: usize = 8 * 1024;
 pub fn spawn(address: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(address)
         .map_err(|e| anyhow::anyhow!("admin endpoint {address}: cannot listen: {e}"))?;
-    log::info!("admin endpoint on http://{address}/metrics");
+    // With port 0 the kernel picks the port: log the address actually bound.
+    let bound = listener.local_addr().unwrap_or(address);
+    log::info!("admin endpoint on http://{bound}/metrics");
     glommio::spawn_local(async move {
         loop {
             match listener.accept().await {

@@ -279,6 +279,10 @@ where
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // Ending the write side of a TLS stream is close_notify, then the transport's
+        // shutdown: a bare FIN is indistinguishable from a truncation attack, and clients
+        // report it as an error. (rustls sends close_notify at most once.)
+        this.conn.send_close_notify();
         match this.poll_write_tls(cx)? {
             Poll::Ready(()) => Pin::new(&mut this.io).poll_close(cx),
             Poll::Pending => Poll::Pending,

@@ -1,0 +1,272 @@
+//! TLS 1.3 0-RTT (default `cache` resumption): early requests answered and marked, unsafe
+//! ones held until the handshake completes, 425 retried, and replayed first flights
+//! reaching the origin at most once.
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
+
+/// A fresh connection whose TLS 1.3 tickets land in `config`'s session store.
+fn collect_ticket(port: u16, config: &Arc<ClientConfig>) {
+    let mut client = Client::connect(port, config);
+    let response =
+        client.exchange(b"GET /ticket HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    assert_eq!(response.status, 200);
+}
+
+/// A client connection (not yet on any socket) with `request` written as early data.
+fn early_connection(config: &Arc<ClientConfig>, request: &[u8]) -> ClientConnection {
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = ClientConnection::new(config.clone(), name).unwrap();
+    let mut early = conn
+        .early_data()
+        .expect("the stored ticket should allow early data");
+    early
+        .write_all(request)
+        .expect("request fits in the early data limit");
+    conn
+}
+
+fn start(backend: &Backend) -> (Pki, Ferrule) {
+    let pki = Pki::new();
+    let ferrule = Launch::new(&pki, backend.addr).start();
+    (pki, ferrule)
+}
+
+#[test]
+fn early_get_is_answered_and_marked_for_the_origin() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    collect_ticket(ferrule.port, &config);
+
+    let target = format!("/{}", unique("early-get"));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let conn = early_connection(&config, request.as_bytes());
+    let mut tls = rustls::StreamOwned::new(conn, tcp_connect(ferrule.port));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("handshake");
+    }
+    assert!(
+        tls.conn.is_early_data_accepted(),
+        "ferrule refused the early data"
+    );
+    let response = read_final_response(&mut BufReader::new(tls), "GET").expect("response");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"ok");
+    let seen = backend.requests_to(&target);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("Early-Data"), Some("1"));
+    let metrics = ferrule.metrics();
+    assert_eq!(
+        metrics.sum("ferrule_early_data_total", &[("result", "accepted")]),
+        1.0
+    );
+    assert_eq!(
+        metrics.sum(
+            "ferrule_early_requests_total",
+            &[("action", "forwarded_early")]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn openssl_early_data_is_accepted() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let session = pki.dir.join("early.pem");
+    let target = format!("/{}", unique("ossl-early"));
+    let request = pki.dir.join("request.txt");
+    std::fs::write(
+        &request,
+        format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+    )
+    .unwrap();
+    let s_client = |extra: &[&std::ffi::OsStr], stdin: &[u8]| {
+        let mut command = Command::new("openssl");
+        command
+            .arg("s_client")
+            .args(["-connect", &format!("127.0.0.1:{}", ferrule.port)])
+            .args(["-servername", "localhost", "-tls1_3", "-ign_eof"])
+            .args(["-verify_return_error", "-CAfile"])
+            .arg(&pki.ca_pem)
+            .args(extra);
+        let out = run_with_timeout(&mut command, stdin, TIMEOUT);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = s_client(
+        &["-sess_out".as_ref(), session.as_os_str()],
+        b"GET /ticket HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(first.contains("HTTP/1.1 200"), "{first}");
+    let second = s_client(
+        &[
+            "-sess_in".as_ref(),
+            session.as_os_str(),
+            "-early_data".as_ref(),
+            request.as_os_str(),
+        ],
+        b"",
+    );
+    assert!(second.contains("Early data was accepted"), "{second}");
+    assert!(second.contains("HTTP/1.1 200"), "{second}");
+    let seen = backend.requests_to(&target);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("Early-Data"), Some("1"));
+}
+
+#[test]
+fn replayed_first_flight_reaches_the_backend_once() {
+    const REPLAYS: usize = 50;
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    collect_ticket(ferrule.port, &config);
+
+    // The first flight of a 0-RTT connection, as an attacker on the path would record it.
+    let target = format!("/{}", unique("replay"));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut conn = early_connection(&config, request.as_bytes());
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    let flight = Arc::new(flight);
+
+    // Replay it, all at once, from both CPUs.
+    let port = ferrule.port;
+    let replays: Vec<_> = (0..REPLAYS)
+        .map(|i| {
+            let flight = flight.clone();
+            std::thread::spawn(move || {
+                on_cpu(i, || {
+                    let mut raw = tcp_connect(port);
+                    raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    raw.write_all(&flight).unwrap();
+                    let mut sink = Vec::new();
+                    let _ = raw.read_to_end(&mut sink);
+                })
+            })
+        })
+        .collect();
+    for replay in replays {
+        replay.join().unwrap();
+    }
+    let seen = backend.wait_requests_to(&target, 1);
+    let metrics = ferrule.wait_metric("ferrule_connections_accepted_total", &[], |n| {
+        n >= (REPLAYS + 1) as f64
+    });
+    assert_eq!(
+        seen.len(),
+        1,
+        "a replayed early request reached the origin {} times",
+        seen.len()
+    );
+    assert_eq!(backend.requests_to(&target).len(), 1);
+    assert_eq!(
+        metrics.sum("ferrule_early_data_total", &[("result", "accepted")]),
+        1.0,
+        "{}",
+        metrics.text
+    );
+    assert_eq!(
+        metrics.sum(
+            "ferrule_early_data_total",
+            &[("result", "refused"), ("reason", "replayed")]
+        ),
+        (REPLAYS - 1) as f64
+    );
+}
+
+#[test]
+fn early_post_waits_for_the_handshake_and_arrives_once_unmarked() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    collect_ticket(ferrule.port, &config);
+
+    let target = format!("/{}", unique("early-post"));
+    let request = format!(
+        "POST {target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\
+         Connection: close\r\n\r\nhello"
+    );
+    let mut conn = early_connection(&config, request.as_bytes());
+    let mut sock = tcp_connect(ferrule.port);
+    // First flight out, server flight in; keep the client's Finished back for now.
+    while conn.wants_write() {
+        conn.write_tls(&mut sock).unwrap();
+    }
+    while conn.is_handshaking() {
+        let n = conn.read_tls(&mut sock).expect("server flight");
+        assert!(n > 0, "ferrule closed during the handshake");
+        conn.process_new_packets().expect("server flight is valid");
+    }
+    assert!(conn.is_early_data_accepted());
+    let held_since = Instant::now();
+    while held_since.elapsed() < Duration::from_millis(500) {
+        assert!(
+            backend.requests_to(&target).is_empty(),
+            "an early POST reached the origin before the handshake completed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Now finish the handshake: the POST must go through, once, as an ordinary request.
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.flush().unwrap();
+    let response = read_final_response(&mut BufReader::new(tls), "POST").expect("response");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"hello");
+    let seen = backend.requests_to(&target);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("Early-Data"), None);
+    assert_eq!(seen[0].body, b"hello");
+    let held = ferrule
+        .metrics()
+        .sum("ferrule_early_requests_total", &[("action", "held")]);
+    assert_eq!(held, 1.0);
+}
+
+#[test]
+fn origin_425_is_retried_once_after_the_handshake() {
+    let backend = Backend::start(|request, conn| {
+        if request.header("Early-Data") == Some("1") {
+            respond(conn.get_mut(), 425, &[], b"too early")?;
+        } else {
+            respond(conn.get_mut(), 200, &[], b"now is fine")?;
+        }
+        Ok(After::KeepAlive)
+    });
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    collect_ticket(ferrule.port, &config);
+
+    let target = format!("/{}", unique("too-early"));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let conn = early_connection(&config, request.as_bytes());
+    let mut tls = rustls::StreamOwned::new(conn, tcp_connect(ferrule.port));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("handshake");
+    }
+    assert!(tls.conn.is_early_data_accepted());
+    let response = read_final_response(&mut BufReader::new(tls), "GET").expect("response");
+    assert_eq!(response.status, 200, "the client should never see the 425");
+    assert_eq!(response.body, b"now is fine");
+    let seen = backend.requests_to(&target);
+    assert_eq!(seen.len(), 2, "one early attempt and one retry");
+    assert_eq!(seen[0].header("Early-Data"), Some("1"));
+    assert_eq!(seen[1].header("Early-Data"), None);
+    let retried = ferrule.metrics().sum(
+        "ferrule_early_requests_total",
+        &[("action", "retried_after_425")],
+    );
+    assert_eq!(retried, 1.0);
+}
