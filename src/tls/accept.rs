@@ -239,17 +239,6 @@ pub async fn accept(
         }
     };
     // Records that arrived together with the ClientHello (the client's 0-RTT data, above
-    // all) are still buffered, unprocessed, in rustls: `into_connection` handles only the
-    // ClientHello. Process them now; otherwise the early request is not seen until the
-    // client's next flight (its Finished) arrives, and 0-RTT degrades to 1-RTT.
-    if conn.process_new_packets().is_err() {
-        let mut out = Vec::new();
-        while conn.wants_write() && conn.write_tls(&mut out).is_ok() {}
-        let _ = tcp.write_all(&out).await;
-        return Err(fail(HandshakeFailure::Rejected));
-    }
-
-    // Records that arrived together with the ClientHello (the client's 0-RTT data, above
     // all, sent right behind the hello in one segment, or in the SYN with TCP Fast Open) are
     // still buffered, unprocessed, in rustls: `into_connection` handles only the ClientHello.
     // Process them now; otherwise the early request is not seen until the client's next
