@@ -210,7 +210,7 @@ pub async fn accept(
     let server_config = context.pick(chacha_first, !refuse_early);
     let converted = accepted.into_connection(server_config);
     super::session::clear_prefetch();
-    let conn = match converted {
+    let mut conn = match converted {
         Ok(conn) => conn,
         Err((_, mut alert)) => {
             let mut out = Vec::new();
@@ -219,6 +219,17 @@ pub async fn accept(
             return Err(fail(HandshakeFailure::Rejected));
         }
     };
+    // The Acceptor keeps every record that came in the same reads as the ClientHello (0-RTT
+    // data, typically: the client sends it right behind the hello, in one segment or in the
+    // SYN with TCP Fast Open), and into_connection processes only the hello. TlsStream calls
+    // process_new_packets after its next socket read, and the next bytes are the client's
+    // Finished, one round trip later. Process them now so an early request is answered early.
+    if conn.process_new_packets().is_err() {
+        let mut out = Vec::new();
+        let _ = conn.write_tls(&mut out);
+        let _ = tcp.write_all(&out).await;
+        return Err(fail(HandshakeFailure::Rejected));
+    }
 
     // 6. Hand over now (0-RTT), or finish the handshake first.
     let mut accepted = AcceptedConn {
