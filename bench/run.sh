@@ -27,8 +27,8 @@ if [[ $QUICK == 1 ]]; then
     LG_DUR=${LG_DUR:-3}; KA_DUR=${KA_DUR:-3}; BULK_DUR=${BULK_DUR:-3}; PACED_DUR=${PACED_DUR:-3}
     IDLE_CONNS=${IDLE_CONNS:-2000}; TTFB_N=${TTFB_N:-5}
 else
-    REPS=${REPS:-2}; N_FULL=${N_FULL:-8000}; N_RESUMED=${N_RESUMED:-12000}
-    LG_DUR=${LG_DUR:-4}; KA_DUR=${KA_DUR:-5}; BULK_DUR=${BULK_DUR:-4}; PACED_DUR=${PACED_DUR:-5}
+    REPS=${REPS:-2}; N_FULL=${N_FULL:-8000}; N_RESUMED=${N_RESUMED:-10000}
+    LG_DUR=${LG_DUR:-4}; KA_DUR=${KA_DUR:-4}; BULK_DUR=${BULK_DUR:-4}; PACED_DUR=${PACED_DUR:-5}
     IDLE_CONNS=${IDLE_CONNS:-10000}; TTFB_N=${TTFB_N:-9}
 fi
 HS_CONNS=${HS_CONNS:-32}; LG_CONNS=${LG_CONNS:-32}; LG_MAX=${LG_MAX:-200000}
@@ -268,6 +268,7 @@ printf 'target\tconns_asked\tconns_open\tfailed\trss_before_kib\trss_held_kib\tr
     > "$OUT/idle.tsv"
 for t in "${TARGETS[@]}"; do
     r0=$(tree_rss_kib "$t")
+    : > "$WORK/idle.$t.out"
     client python3 "$BENCH_DIR/idle-conns.py" 127.0.0.1 "${TARGET_PORT[$t]}" "$IDLE_CONNS" 4 \
         > "$WORK/idle.$t.out" 2>&1 &
     ipid=$!
