@@ -92,6 +92,8 @@ def load(run):
         rec["term_cpu_pct"] = 100 * cpu / float(r["wall_s"])
         rec["sys_cpu_pct"] = 100 * float(r["sys_busy_s"]) / float(r["wall_s"])
         rec["rc"] = int(r["rc"])
+        foreign = r.get("foreign_cpu_s")
+        rec["foreign_pct"] = 100 * float(foreign) / float(r["wall_s"]) if foreign else None
         rec["tool"] = r["tool"]
         for k in ("full13", "res13", "full12", "res12"):
             rec["hs_" + k] = int(r[k])
@@ -105,6 +107,8 @@ def load(run):
         for field in ("work", "errors", "resumed_seen", "hs_full13", "hs_res13", "hs_full12",
                       "hs_res12"):
             m[field] = sum(x.get(field) or 0 for x in recs)
+        m["foreign_pct_max"] = max([x["foreign_pct"] for x in recs
+                                    if x.get("foreign_pct") is not None], default=None)
         m["reps"] = len(recs)
         m["tool"] = recs[0]["tool"]
         m["proto"] = recs[0].get("proto")
@@ -314,6 +318,18 @@ def main():
                 f"{fmt(p50 / rtt if p50 else None, 2)} | {lg.get('resumed', '–')}/"
                 f"{lg.get('requests', '–')} | {lg.get('early_accepted', '–')} | "
                 f"{r['tfo_active']} |")
+
+    noisy = sorted((m["foreign_pct_max"], f"{k[0]}/{k[1]}") for k, m in res.items()
+                   if m.get("foreign_pct_max") is not None and m["foreign_pct_max"] > 30)
+    say("\n### Noise check\n")
+    if noisy:
+        say("CPU used by processes outside the bench (another build?) during these runs, in % "
+            "of one CPU (system busy - terminator - origin - load generator; includes "
+            "unattributed softirq time): " + ", ".join(f"{n} {v:.0f}%" for v, n in noisy)
+            + ". Their figures are suspect; rerun on a quiet box.")
+    else:
+        say("No run saw more than 30% of one CPU used outside the bench's own processes.")
+    results["noisy_runs"] = [dict(run=n, foreign_pct=v) for v, n in noisy]
 
     text = "\n".join(lines) + "\n"
     print(text)

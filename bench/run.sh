@@ -7,7 +7,8 @@
 #
 # Output: $OUT (default bench/results/<timestamp>/): raw/ tool outputs, meta.tsv, verify.txt,
 # results.json, summary.md (the table printed at the end) and chart.svg.
-# Knobs: PEERS="nginx haproxy hitch", REPS, CERT_KIND=ecdsa|rsa, WORKERS=2 (FERRULE_CORES
+# Knobs: IDLE_WAIT_S=20 (per run) / IDLE_WAIT_TOTAL_S=120 (whole run) to wait for a quiet box,
+# PEERS="nginx haproxy hitch", REPS, CERT_KIND=ecdsa|rsa, WORKERS=2 (FERRULE_CORES
 # defaults to it), HS_CONNS, N_FULL, N_RESUMED, LG_CONNS, LG_DUR, KA_CONNS, KA_DUR, BULK_CONNS,
 # BULK_DUR, PACED_DUR, IDLE_CONNS (<= 50000), SKIP_TTFB=1, NO_BUILD=1, KEEP_WORK=1, OUT=dir.
 #
@@ -170,14 +171,38 @@ stop_target() {
 }
 verify_loadgens
 
-printf 'target\ttest\trep\trc\twall_s\tterm_cpu_s\tshard_cpu_s\tbackend_cpu_s\tsys_busy_s\tfull13\tres13\tfull12\tres12\ttool\traw\n' \
+printf 'target\ttest\trep\trc\twall_s\tterm_cpu_s\tshard_cpu_s\tbackend_cpu_s\tsys_busy_s\tfull13\tres13\tfull12\tres12\ttool\traw\tclient_cpu_s\tforeign_cpu_s\n' \
     > "$OUT/meta.tsv"
 HZ=$(getconf CLK_TCK)
 secs() { awk -v d="$1" -v h="$HZ" 'BEGIN{printf "%.2f", d/h}'; }
 
+# CPU seconds (user+sys) of this shell's waited-for children so far: the load generators.
+# `times` must run in this shell (not in $(...)) to see them, hence the file.
+times_s() {  # call `times > "$WORK/times.txt"` first, in this shell
+    awk 'NR == 2 { s = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); s += a[1] * 60 + a[2] }
+                   printf "%.2f", s }' "$WORK/times.txt"
+}
+
+# Other work on the box (another build, say) skews everything. Before each run, wait up to
+# IDLE_WAIT_S for the system to be nearly idle (< 25% of one CPU over 0.5 s); each run also
+# records "foreign" CPU = system busy - terminator - origin - load generator (this includes
+# softirq time no process is charged for, so a few % is normal).
+# IDLE_WAIT_TOTAL_S bounds the waiting over the whole run.
+IDLE_WAIT_S=${IDLE_WAIT_S:-20}
+IDLE_BUDGET_HALF_S=$((2 * ${IDLE_WAIT_TOTAL_S:-120}))
+wait_idle() {
+    local i a b
+    for ((i = 0; i < IDLE_WAIT_S * 2 && IDLE_BUDGET_HALF_S > 0; i++)); do
+        a=$(sys_busy_ticks); sleep 0.5; b=$(sys_busy_ticks)
+        if (( (b - a) * 100 < HZ * 25 / 2 )); then return 0; fi
+        IDLE_BUDGET_HALF_S=$((IDLE_BUDGET_HALF_S - 1))
+    done
+    log "warning: box still busy after ${IDLE_WAIT_S}s ($(( (b - a) * 200 / HZ ))% of a CPU); measuring anyway"
+}
+
 # measure TARGET TEST REP
 measure() {
-    local t=$1 test=$2 rep=$3 u port raw rc t0 t1 c0 c1 s0 s1 b0 b1 y0 y1 tool
+    local t=$1 test=$2 rep=$3 u port raw rc t0 t1 c0 c1 s0 s1 b0 b1 y0 y1 k0 k1 tool
     local -a h0=(0 0 0 0) h1=(0 0 0 0)
     u=$(url_for "$t"); port=${TARGET_PORT[$t]}
     raw="raw/$t.$test.$rep.txt"
@@ -190,6 +215,8 @@ measure() {
         h0=("$(ferrule_hs "$t" full 1.3)" "$(ferrule_hs "$t" resumed 1.3)"
             "$(ferrule_hs "$t" full 1.2)" "$(ferrule_hs "$t" resumed 1.2)")
     fi
+    wait_idle
+    times > "$WORK/times.txt"; k0=$(times_s)
     c0=$(tree_cpu_ticks "$t"); y0=$(shard_cpu_ticks "$t"); b0=$(tree_cpu_ticks backend)
     s0=$(sys_busy_ticks); t0=$(date +%s%N)
     set +e
@@ -226,15 +253,21 @@ measure() {
     set -e
     t1=$(date +%s%N); s1=$(sys_busy_ticks); b1=$(tree_cpu_ticks backend)
     y1=$(shard_cpu_ticks "$t"); c1=$(tree_cpu_ticks "$t")
+    times > "$WORK/times.txt"; k1=$(times_s)
+    local client_s foreign_s
+    client_s=$(awk -v a="$k0" -v b="$k1" 'BEGIN{printf "%.2f", b - a}')
+    foreign_s=$(awk -v s=$((s1 - s0)) -v c=$((c1 - c0)) -v b=$((b1 - b0)) -v h="$HZ" \
+        -v k="$client_s" 'BEGIN{printf "%.2f", (s - c - b) / h - k}')
     if [[ $t == ferrule* ]]; then
         h1=("$(ferrule_hs "$t" full 1.3)" "$(ferrule_hs "$t" resumed 1.3)"
             "$(ferrule_hs "$t" full 1.2)" "$(ferrule_hs "$t" resumed 1.2)")
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$test" "$rep" "$rc" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$t" "$test" "$rep" "$rc" \
         "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", (b-a)/1e9}')" \
         "$(secs $((c1 - c0)))" "$(secs $((y1 - y0)))" "$(secs $((b1 - b0)))" "$(secs $((s1 - s0)))" \
         $((h1[0] - h0[0])) $((h1[1] - h0[1])) $((h1[2] - h0[2])) $((h1[3] - h0[3])) \
-        "$tool" "$raw" >> "$OUT/meta.tsv"
+        "$tool" "$raw" "$client_s" "$foreign_s" >> "$OUT/meta.tsv"
     log "$t $test rep$rep rc=$rc $(grep -m1 -E 'req/s|Requests/sec|"rate"|paced_rate' "$OUT/$raw" \
         | tr -s ' ' | cut -c1-150)"
     sleep "${SETTLE_S:-0.5}"
