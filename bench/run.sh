@@ -191,7 +191,8 @@ times_s() {  # call `times > "$WORK/times.txt"` first, in this shell
 IDLE_WAIT_S=${IDLE_WAIT_S:-20}
 IDLE_BUDGET_HALF_S=$((2 * ${IDLE_WAIT_TOTAL_S:-120}))
 wait_idle() {
-    local i a b
+    local i a=0 b=0
+    ((IDLE_BUDGET_HALF_S > 0)) || return 0
     for ((i = 0; i < IDLE_WAIT_S * 2 && IDLE_BUDGET_HALF_S > 0; i++)); do
         a=$(sys_busy_ticks); sleep 0.5; b=$(sys_busy_ticks)
         if (( (b - a) * 100 < HZ * 25 / 2 )); then return 0; fi
