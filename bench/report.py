@@ -307,7 +307,7 @@ def main():
 
     if ttfb:
         rtt = ttfb["rtt_ms"]
-        say(f"\n### Time to first response byte at {rtt} ms RTT (netns + netem; "
+        say(f"\n### Time to first response byte at {rtt} ms RTT (two netns + delay-wire.py; "
             f"{ttfb['tool']}, n={ttfb['n']}, ping {ttfb.get('ping_ms')} ms)\n")
         say("| target | row | p50 ms | round trips | resumed | 0-RTT accepted | TFO opens |")
         say("|---|---|---|---|---|---|---|")
