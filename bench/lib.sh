@@ -133,6 +133,14 @@ sys_busy_ticks() {
     echo $((user + nice + system + irq + softirq + steal))
 }
 
+# sys_task_ticks -> user+nice+system ticks of all CPUs: time charged to tasks, without the
+# irq/softirq time (loopback packet processing) that no process is charged for.
+sys_task_ticks() {
+    local _cpu user nice system rest
+    read -r _cpu user nice system rest < /proc/stat
+    echo $((user + nice + system))
+}
+
 # stop_tree ROOTPID: SIGTERM the root, then (bounded waits) SIGTERM / SIGKILL whatever of its
 # process tree (snapshotted before) is still alive. Only PIDs we started, or their children.
 stop_tree() {

@@ -324,8 +324,8 @@ def main():
     say("\n### Noise check\n")
     if noisy:
         say("CPU used by processes outside the bench (another build?) during these runs, in % "
-            "of one CPU (system busy - terminator - origin - load generator; includes "
-            "unattributed softirq time): " + ", ".join(f"{n} {v:.0f}%" for v, n in noisy)
+            "of one CPU (user+system CPU of all tasks - terminator - origin - load "
+            "generator): " + ", ".join(f"{n} {v:.0f}%" for v, n in noisy)
             + ". Their figures are suspect; rerun on a quiet box.")
     else:
         say("No run saw more than 30% of one CPU used outside the bench's own processes.")

@@ -2,8 +2,8 @@
 # ferrule vs nginx / HAProxy / hitch, side by side in one run, on loopback (+ a private netns
 # pair for the 50 ms RTT time-to-first-byte rows). See bench/README.md.
 #
-#   bench/run.sh                 # ~6 min: build, 2 reps of every test, TTFB in a netns
-#   QUICK=1 bench/run.sh         # ~2 min: 1 rep, shorter runs, 2,000 idle connections
+#   bench/run.sh                 # ~6.5 min on a quiet box: build, 2 reps, TTFB in a netns
+#   QUICK=1 bench/run.sh         # ~3 min: 1 rep, shorter runs, 2,000 idle connections
 #
 # Output: $OUT (default bench/results/<timestamp>/): raw/ tool outputs, meta.tsv, verify.txt,
 # results.json, summary.md (the table printed at the end) and chart.svg.
@@ -185,8 +185,8 @@ times_s() {  # call `times > "$WORK/times.txt"` first, in this shell
 
 # Other work on the box (another build, say) skews everything. Before each run, wait up to
 # IDLE_WAIT_S for the system to be nearly idle (< 25% of one CPU over 0.5 s); each run also
-# records "foreign" CPU = system busy - terminator - origin - load generator (this includes
-# softirq time no process is charged for, so a few % is normal).
+# records "foreign" CPU = CPU charged to tasks (user+nice+system from /proc/stat, so without
+# irq/softirq time) - terminator - origin - load generator.
 # IDLE_WAIT_TOTAL_S bounds the waiting over the whole run.
 IDLE_WAIT_S=${IDLE_WAIT_S:-20}
 IDLE_BUDGET_HALF_S=$((2 * ${IDLE_WAIT_TOTAL_S:-120}))
@@ -203,7 +203,7 @@ wait_idle() {
 
 # measure TARGET TEST REP
 measure() {
-    local t=$1 test=$2 rep=$3 u port raw rc t0 t1 c0 c1 s0 s1 b0 b1 y0 y1 k0 k1 tool
+    local t=$1 test=$2 rep=$3 u port raw rc t0 t1 c0 c1 s0 s1 q0 q1 b0 b1 y0 y1 k0 k1 tool
     local -a h0=(0 0 0 0) h1=(0 0 0 0)
     u=$(url_for "$t"); port=${TARGET_PORT[$t]}
     raw="raw/$t.$test.$rep.txt"
@@ -219,7 +219,7 @@ measure() {
     wait_idle
     times > "$WORK/times.txt"; k0=$(times_s)
     c0=$(tree_cpu_ticks "$t"); y0=$(shard_cpu_ticks "$t"); b0=$(tree_cpu_ticks backend)
-    s0=$(sys_busy_ticks); t0=$(date +%s%N)
+    s0=$(sys_busy_ticks); q0=$(sys_task_ticks); t0=$(date +%s%N)
     set +e
     case $test in
         full13)
@@ -252,12 +252,12 @@ measure() {
     esac > "$OUT/$raw" 2>&1
     rc=$?
     set -e
-    t1=$(date +%s%N); s1=$(sys_busy_ticks); b1=$(tree_cpu_ticks backend)
+    t1=$(date +%s%N); s1=$(sys_busy_ticks); q1=$(sys_task_ticks); b1=$(tree_cpu_ticks backend)
     y1=$(shard_cpu_ticks "$t"); c1=$(tree_cpu_ticks "$t")
     times > "$WORK/times.txt"; k1=$(times_s)
     local client_s foreign_s
     client_s=$(awk -v a="$k0" -v b="$k1" 'BEGIN{printf "%.2f", b - a}')
-    foreign_s=$(awk -v s=$((s1 - s0)) -v c=$((c1 - c0)) -v b=$((b1 - b0)) -v h="$HZ" \
+    foreign_s=$(awk -v s=$((q1 - q0)) -v c=$((c1 - c0)) -v b=$((b1 - b0)) -v h="$HZ" \
         -v k="$client_s" 'BEGIN{printf "%.2f", (s - c - b) / h - k}')
     if [[ $t == ferrule* ]]; then
         h1=("$(ferrule_hs "$t" full 1.3)" "$(ferrule_hs "$t" resumed 1.3)"
