@@ -6,6 +6,7 @@
 
 mod config;
 mod demo;
+mod doctor;
 mod http;
 mod loadgen;
 mod metrics;
@@ -52,6 +53,8 @@ enum Command {
     },
     /// Drive a TLS server with ferrule's own client (for bench/): prints one JSON line.
     Loadgen(loadgen::Args),
+    /// Compare this host with tuning/ (sysctls, limits, CPU, io_uring, NUMA); changes nothing.
+    Doctor,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
             action: TicketKeysAction::Generate { file, keep },
         } => report(generate_ticket_keys(&file, keep)),
         Command::Loadgen(args) => report(loadgen::main(args)),
+        Command::Doctor => report(doctor::run()),
     }
 }
 
