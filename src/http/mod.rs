@@ -78,8 +78,10 @@ pub async fn serve(
     let mut client = Buffered::new(accepted);
     let mut served: u64 = 0;
     loop {
+        // The last request this connection may carry is answered with `Connection: close`.
+        let last = served + 1 >= config.limits.max_requests_per_connection;
         let next = match next_request(shard, &mut client, peer, config, served).await {
-            Some(Ok(head)) => exchange(shard, &mut client, head, config).await,
+            Some(Ok(head)) => exchange(shard, &mut client, head, config, last).await,
             Some(Err(reject)) => {
                 respond(&mut client, reject.status, reject.reason, true).await;
                 Next::Close
@@ -181,6 +183,7 @@ async fn exchange(
     client: &mut Client,
     request: RequestHead,
     config: &Config,
+    last: bool,
 ) -> Next {
     // Early data (RFC 8470): answer now only what is safe to replay-proof; hold the rest
     // until the handshake has completed.
@@ -220,15 +223,16 @@ async fn exchange(
                 } else {
                     502
                 };
-                respond(client, status, "no origin available", !request.keep_alive).await;
-                return if request.keep_alive {
+                let keep_alive = request.keep_alive && !last && !shard.drain.is_draining();
+                respond(client, status, "no origin available", !keep_alive).await;
+                return if keep_alive {
                     Next::KeepAlive
                 } else {
                     Next::Close
                 };
             }
         };
-        let outcome = attempt(client, &mut origin, &request, early, config).await;
+        let outcome = attempt(shard, client, &mut origin, &request, early, config, last).await;
         metrics::add(
             "ferrule_bytes_total",
             r#"direction="upstream_out""#,
@@ -303,11 +307,13 @@ enum Attempt {
 }
 
 async fn attempt(
+    shard: &Shard,
     client: &mut Client,
     origin: &mut Origin,
     request: &RequestHead,
     early: bool,
     config: &Config,
+    last: bool,
 ) -> Attempt {
     let reused = origin.io.reused;
     let read_limit = config.limits.idle_timeout;
@@ -370,8 +376,9 @@ async fn attempt(
         }
     };
 
-    // Response to the client, in the framing the client understands.
-    let keep_alive = request.keep_alive;
+    // Response to the client, in the framing the client understands. A connection that
+    // will not carry another request (its limit, or a drain) says so in this response.
+    let keep_alive = request.keep_alive && !last && !shard.drain.is_draining();
     let chunked_down = match response.framing {
         Framing::Chunked | Framing::UntilClose => request.minor == 1,
         _ => false,
