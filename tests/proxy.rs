@@ -452,3 +452,23 @@ fn head_response_without_body_keeps_the_connection_usable() {
     assert_eq!(get.status, 200);
     assert_eq!(get.body, b"body");
 }
+
+#[test]
+fn pipelined_requests_with_bodies_keep_their_boundaries() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    let mut batch = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    batch.extend_from_slice(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nfirst");
+    batch.extend_from_slice(
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          6\r\nsecond\r\n0\r\n\r\n",
+    );
+    batch.extend_from_slice(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n");
+    client.send(&batch);
+    for expected in ["ok", "first", "second", "ok"] {
+        assert_eq!(client.response("GET").text(), expected);
+    }
+    let targets: Vec<_> = backend.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/a", "/b", "/c", "/d"]);
+}
