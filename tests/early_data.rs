@@ -270,3 +270,66 @@ fn origin_425_is_retried_once_after_the_handshake() {
     );
     assert_eq!(retried, 1.0);
 }
+
+#[test]
+fn requests_after_the_handshake_are_not_marked_early() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    collect_ticket(ferrule.port, &config);
+
+    let early_target = format!("/{}", unique("first"));
+    let request = format!("GET {early_target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let conn = early_connection(&config, request.as_bytes());
+    let mut tls = rustls::StreamOwned::new(conn, tcp_connect(ferrule.port));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("handshake");
+    }
+    assert!(tls.conn.is_early_data_accepted());
+    let mut client = Client {
+        io: BufReader::new(tls),
+    };
+    assert_eq!(client.response("GET").status, 200);
+    let later = client.exchange(b"GET /later HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(later.status, 200);
+    assert_eq!(
+        backend.requests_to(&early_target)[0].header("Early-Data"),
+        Some("1")
+    );
+    assert_eq!(backend.requests_to("/later")[0].header("Early-Data"), None);
+}
+
+#[test]
+fn a_client_sent_early_data_header_is_not_trusted() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    let response =
+        client.exchange(b"GET /forged HTTP/1.1\r\nHost: localhost\r\nEarly-Data: 1\r\n\r\n");
+    assert_eq!(response.status, 200);
+    assert_eq!(backend.requests_to("/forged")[0].header("Early-Data"), None);
+}
+
+#[test]
+fn no_0rtt_is_offered_in_tickets_mode_or_with_early_data_max_0() {
+    let backend = Backend::echo();
+    let pki = Pki::new();
+    for flags in [["--resumption", "tickets"], ["--early-data-max", "0"]] {
+        let ferrule = Launch::new(&pki, backend.addr).args(flags).start();
+        let config = tls13_early(&pki);
+        collect_ticket(ferrule.port, &config);
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut conn = ClientConnection::new(config.clone(), name).unwrap();
+        assert!(
+            conn.early_data().is_none(),
+            "{flags:?}: the ticket should not allow early data"
+        );
+        // It still resumes.
+        let client = Client::connect(ferrule.port, &config);
+        assert_eq!(
+            client.conn().handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{flags:?}"
+        );
+    }
+}
