@@ -339,3 +339,39 @@ fn last_response_on_a_connection_announces_the_close() {
     }
     assert!(client.is_closed_by_peer());
 }
+
+#[test]
+fn ambiguous_request_framings_get_400_and_never_reach_the_backend() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let shapes: [&[u8]; 8] = [
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+          Transfer-Encoding: identity\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\nhello",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ];
+    for shape in shapes {
+        let (response, closed) = send_raw(&ferrule, &pki, shape);
+        let shown = String::from_utf8_lossy(shape);
+        assert_eq!(response.status, 400, "{shown}");
+        assert!(closed, "{shown}");
+    }
+    assert_eq!(backend.connections(), 0, "{:?}", backend.requests());
+}
+
+#[test]
+fn origin_with_conflicting_content_lengths_gets_502() {
+    let backend = Backend::start(|_, conn| {
+        conn.get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 20\r\n\r\nok")?;
+        Ok(After::Close)
+    });
+    let (pki, ferrule) = start(&backend);
+    let response = get(ferrule.port, &tls13(&pki), "/split");
+    assert_eq!(response.status, 502);
+}
