@@ -333,3 +333,84 @@ fn no_0rtt_is_offered_in_tickets_mode_or_with_early_data_max_0() {
         );
     }
 }
+
+#[test]
+fn early_data_is_accepted_whichever_core_issued_the_ticket() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    for i in 0..10 {
+        // A fresh client each time: its only ticket comes from one CPU's connection, and
+        // its early connection arrives on the other.
+        let config = tls13_early(&pki);
+        on_cpu(i, || collect_ticket(ferrule.port, &config));
+        let target = format!("/{}", unique("cross"));
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let accepted = on_cpu(i + 1, || {
+            let conn = early_connection(&config, request.as_bytes());
+            let mut tls = rustls::StreamOwned::new(conn, tcp_connect(ferrule.port));
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock).expect("handshake");
+            }
+            let accepted = tls.conn.is_early_data_accepted();
+            let response = read_final_response(&mut BufReader::new(tls), "GET").unwrap();
+            assert_eq!(response.status, 200);
+            accepted
+        });
+        assert!(accepted, "iteration {i}: early data refused");
+        assert_eq!(
+            backend.requests_to(&target)[0].header("Early-Data"),
+            Some("1")
+        );
+    }
+    let metrics = ferrule.metrics();
+    for core in ["0", "1"] {
+        let accepted = metrics.sum(
+            "ferrule_early_data_total",
+            &[("core", core), ("result", "accepted")],
+        );
+        assert!(accepted > 0.0, "core {core} accepted no early data");
+    }
+}
+
+#[test]
+fn replayed_early_post_never_reaches_the_backend() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    collect_ticket(ferrule.port, &config);
+    let target = format!("/{}", unique("replay-post"));
+    let request =
+        format!("POST {target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nbuy");
+    let mut conn = early_connection(&config, request.as_bytes());
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    let port = ferrule.port;
+    let replays: Vec<_> = (0..20)
+        .map(|i| {
+            let flight = flight.clone();
+            std::thread::spawn(move || {
+                on_cpu(i, || {
+                    let mut raw = tcp_connect(port);
+                    raw.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                    raw.write_all(&flight).unwrap();
+                    let mut sink = Vec::new();
+                    let _ = raw.read_to_end(&mut sink);
+                })
+            })
+        })
+        .collect();
+    for replay in replays {
+        replay.join().unwrap();
+    }
+    ferrule.wait_metric("ferrule_early_requests_total", &[("action", "held")], |n| {
+        n >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        backend.requests_to(&target).is_empty(),
+        "a POST from a replayed first flight reached the origin"
+    );
+}
