@@ -414,3 +414,31 @@ fn replayed_early_post_never_reaches_the_backend() {
         "a POST from a replayed first flight reached the origin"
     );
 }
+
+#[test]
+fn slow_origin_does_not_delay_the_handshake_of_an_early_request() {
+    let backend = Backend::start(|_, conn| {
+        std::thread::sleep(Duration::from_millis(1500));
+        respond(conn.get_mut(), 200, &[], b"slow")?;
+        Ok(After::KeepAlive)
+    });
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    on_cpu(0, || collect_ticket(ferrule.port, &config));
+    let target = format!("/{}", unique("slow-early"));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let conn = early_connection(&config, request.as_bytes());
+    let started = Instant::now();
+    let mut tls = rustls::StreamOwned::new(conn, tcp_connect(ferrule.port));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("handshake");
+    }
+    let handshake = started.elapsed();
+    assert!(tls.conn.is_early_data_accepted());
+    let response = read_final_response(&mut BufReader::new(tls), "GET").unwrap();
+    assert_eq!(response.body, b"slow");
+    assert!(
+        handshake < Duration::from_millis(1000),
+        "the server's handshake flight waited for the origin: {handshake:?}"
+    );
+}
