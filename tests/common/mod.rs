@@ -23,6 +23,8 @@ use rustls::{ClientConfig, ClientConnection, SupportedProtocolVersion};
 
 /// Upper bound for any single network wait in the tests.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a ferrule process may take to start listening.
+pub const STARTUP: Duration = Duration::from_secs(30);
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
 pub fn wait_until<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
@@ -332,7 +334,9 @@ impl Ferrule {
             admin: None,
             log,
         };
-        let deadline = Instant::now() + TIMEOUT;
+        // Start-up is bounded generously: on a loaded 2-core machine several ferrules start
+        // at once, each spawning an executor per core.
+        let deadline = Instant::now() + STARTUP;
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Started::Listening(Some(port))) => {
@@ -351,7 +355,7 @@ impl Ferrule {
             }
             assert!(
                 Instant::now() < deadline,
-                "ferrule did not listen within {TIMEOUT:?}:\n{}",
+                "ferrule did not listen within {STARTUP:?}:\n{}",
                 ferrule.log_text()
             );
         }
