@@ -270,3 +270,175 @@ fn origin_425_is_retried_once_after_the_handshake() {
     );
     assert_eq!(retried, 1.0);
 }
+
+#[test]
+fn requests_after_the_handshake_are_not_marked_early() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    collect_ticket(ferrule.port, &config);
+
+    let early_target = format!("/{}", unique("first"));
+    let request = format!("GET {early_target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let conn = early_connection(&config, request.as_bytes());
+    let mut tls = rustls::StreamOwned::new(conn, tcp_connect(ferrule.port));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("handshake");
+    }
+    assert!(tls.conn.is_early_data_accepted());
+    let mut client = Client {
+        io: BufReader::new(tls),
+    };
+    assert_eq!(client.response("GET").status, 200);
+    let later = client.exchange(b"GET /later HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(later.status, 200);
+    assert_eq!(
+        backend.requests_to(&early_target)[0].header("Early-Data"),
+        Some("1")
+    );
+    assert_eq!(backend.requests_to("/later")[0].header("Early-Data"), None);
+}
+
+#[test]
+fn a_client_sent_early_data_header_is_not_trusted() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    let response =
+        client.exchange(b"GET /forged HTTP/1.1\r\nHost: localhost\r\nEarly-Data: 1\r\n\r\n");
+    assert_eq!(response.status, 200);
+    assert_eq!(backend.requests_to("/forged")[0].header("Early-Data"), None);
+}
+
+#[test]
+fn no_0rtt_is_offered_in_tickets_mode_or_with_early_data_max_0() {
+    let backend = Backend::echo();
+    let pki = Pki::new();
+    for flags in [["--resumption", "tickets"], ["--early-data-max", "0"]] {
+        let ferrule = Launch::new(&pki, backend.addr).args(flags).start();
+        let config = tls13_early(&pki);
+        collect_ticket(ferrule.port, &config);
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut conn = ClientConnection::new(config.clone(), name).unwrap();
+        assert!(
+            conn.early_data().is_none(),
+            "{flags:?}: the ticket should not allow early data"
+        );
+        // It still resumes.
+        let client = Client::connect(ferrule.port, &config);
+        assert_eq!(
+            client.conn().handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{flags:?}"
+        );
+    }
+}
+
+#[test]
+fn early_data_is_accepted_whichever_core_issued_the_ticket() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    for i in 0..10 {
+        // A fresh client each time: its only ticket comes from one CPU's connection, and
+        // its early connection arrives on the other.
+        let config = tls13_early(&pki);
+        on_cpu(i, || collect_ticket(ferrule.port, &config));
+        let target = format!("/{}", unique("cross"));
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let accepted = on_cpu(i + 1, || {
+            let conn = early_connection(&config, request.as_bytes());
+            let mut tls = rustls::StreamOwned::new(conn, tcp_connect(ferrule.port));
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock).expect("handshake");
+            }
+            let accepted = tls.conn.is_early_data_accepted();
+            let response = read_final_response(&mut BufReader::new(tls), "GET").unwrap();
+            assert_eq!(response.status, 200);
+            accepted
+        });
+        assert!(accepted, "iteration {i}: early data refused");
+        assert_eq!(
+            backend.requests_to(&target)[0].header("Early-Data"),
+            Some("1")
+        );
+    }
+    let metrics = ferrule.metrics();
+    for core in ["0", "1"] {
+        let accepted = metrics.sum(
+            "ferrule_early_data_total",
+            &[("core", core), ("result", "accepted")],
+        );
+        assert!(accepted > 0.0, "core {core} accepted no early data");
+    }
+}
+
+#[test]
+fn replayed_early_post_never_reaches_the_backend() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    collect_ticket(ferrule.port, &config);
+    let target = format!("/{}", unique("replay-post"));
+    let request =
+        format!("POST {target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nbuy");
+    let mut conn = early_connection(&config, request.as_bytes());
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    let port = ferrule.port;
+    let replays: Vec<_> = (0..20)
+        .map(|i| {
+            let flight = flight.clone();
+            std::thread::spawn(move || {
+                on_cpu(i, || {
+                    let mut raw = tcp_connect(port);
+                    raw.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                    raw.write_all(&flight).unwrap();
+                    let mut sink = Vec::new();
+                    let _ = raw.read_to_end(&mut sink);
+                })
+            })
+        })
+        .collect();
+    for replay in replays {
+        replay.join().unwrap();
+    }
+    ferrule.wait_metric("ferrule_early_requests_total", &[("action", "held")], |n| {
+        n >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        backend.requests_to(&target).is_empty(),
+        "a POST from a replayed first flight reached the origin"
+    );
+}
+
+#[test]
+fn slow_origin_does_not_delay_the_handshake_of_an_early_request() {
+    let backend = Backend::start(|_, conn| {
+        std::thread::sleep(Duration::from_millis(1500));
+        respond(conn.get_mut(), 200, &[], b"slow")?;
+        Ok(After::KeepAlive)
+    });
+    let (pki, ferrule) = start(&backend);
+    let config = tls13_early(&pki);
+    on_cpu(0, || collect_ticket(ferrule.port, &config));
+    let target = format!("/{}", unique("slow-early"));
+    let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let conn = early_connection(&config, request.as_bytes());
+    let started = Instant::now();
+    let mut tls = rustls::StreamOwned::new(conn, tcp_connect(ferrule.port));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("handshake");
+    }
+    let handshake = started.elapsed();
+    assert!(tls.conn.is_early_data_accepted());
+    let response = read_final_response(&mut BufReader::new(tls), "GET").unwrap();
+    assert_eq!(response.body, b"slow");
+    assert!(
+        handshake < Duration::from_millis(1000),
+        "the server's handshake flight waited for the origin: {handshake:?}"
+    );
+}

@@ -72,6 +72,11 @@ fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     let response = response.expect("the in-flight request should complete during the drain");
     assert_eq!(response.status, 200);
     assert!(response.body == body, "the drained response was cut short");
+    assert_eq!(
+        response.header("Connection"),
+        Some("close"),
+        "the drain is announced"
+    );
     assert!(
         closed,
         "a draining ferrule closes the keep-alive connection"
@@ -199,4 +204,34 @@ fn tcp_mode_passes_a_half_close_and_ends_with_close_notify() {
         read.is_ok(),
         "the stream should end with close_notify, not a bare TCP close: {read:?}"
     );
+}
+
+#[test]
+fn sigterm_closes_idle_keep_alive_connections_without_waiting_for_the_drain_timeout() {
+    let backend = Backend::echo();
+    let pki = Pki::new();
+    let mut ferrule = Launch::new(&pki, backend.addr).start();
+    let config = tls13(&pki);
+    let mut idle: Vec<Client> = (0..4)
+        .map(|i| {
+            on_cpu(i, || {
+                let mut client = Client::connect(ferrule.port, &config);
+                let response = client.exchange(b"GET /idle HTTP/1.1\r\nHost: localhost\r\n\r\n");
+                assert_eq!(response.status, 200);
+                client
+            })
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    ferrule.signal(libc::SIGTERM);
+    let status = ferrule.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "idle connections held the drain for {:?}",
+        started.elapsed()
+    );
+    for client in &mut idle {
+        assert!(client.is_closed_by_peer());
+    }
 }

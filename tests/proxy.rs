@@ -452,3 +452,49 @@ fn head_response_without_body_keeps_the_connection_usable() {
     assert_eq!(get.status, 200);
     assert_eq!(get.body, b"body");
 }
+
+#[test]
+fn pipelined_requests_with_bodies_keep_their_boundaries() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    let mut batch = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    batch.extend_from_slice(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nfirst");
+    batch.extend_from_slice(
+        b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          6\r\nsecond\r\n0\r\n\r\n",
+    );
+    batch.extend_from_slice(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n");
+    client.send(&batch);
+    for expected in ["ok", "first", "second", "ok"] {
+        assert_eq!(client.response("GET").text(), expected);
+    }
+    let targets: Vec<_> = backend.requests().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, ["/a", "/b", "/c", "/d"]);
+}
+
+#[test]
+fn client_x_forwarded_for_is_extended_not_replaced() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    let response = client
+        .exchange(b"GET /xff HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n");
+    assert_eq!(response.status, 200);
+    let seen = &backend.requests_to("/xff")[0];
+    assert_eq!(
+        seen.header("X-Forwarded-For"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+}
+
+#[test]
+fn http11_request_without_host_gets_400() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    let response = client.exchange(b"GET /nohost HTTP/1.1\r\n\r\n");
+    assert_eq!(response.status, 400);
+    assert!(client.is_closed_by_peer());
+    assert_eq!(backend.connections(), 0);
+}

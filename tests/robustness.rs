@@ -250,3 +250,128 @@ fn slow_request_head_gets_408() {
     assert!(client.is_closed_by_peer());
     assert_eq!(backend.connections(), 0);
 }
+
+#[test]
+fn origin_closing_without_a_response_gets_502() {
+    let backend = Backend::start(|_, _| Ok(After::Close));
+    let (pki, ferrule) = start(&backend);
+    let response = get(ferrule.port, &tls13(&pki), "/hang-up");
+    assert_eq!(response.status, 502);
+}
+
+#[test]
+fn slow_origin_gets_504() {
+    let backend = Backend::start(|_, conn| {
+        std::thread::sleep(Duration::from_millis(2000));
+        respond(conn.get_mut(), 200, &[], b"late")?;
+        Ok(After::KeepAlive)
+    });
+    let pki = Pki::new();
+    let ferrule = Launch::new(&pki, backend.addr)
+        .config(&pki.dir, "[limits]\nupstream_response_timeout_ms = 300\n")
+        .start();
+    let started = Instant::now();
+    let response = get(ferrule.port, &tls13(&pki), "/slow-origin");
+    assert_eq!(response.status, 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn silent_client_is_dropped_at_the_handshake_timeout() {
+    let backend = Backend::echo();
+    let pki = Pki::new();
+    let ferrule = Launch::new(&pki, backend.addr)
+        .config(&pki.dir, "[limits]\nhandshake_timeout_ms = 300\n")
+        .start();
+    let mut raw = tcp_connect(ferrule.port);
+    let started = Instant::now();
+    assert!(
+        closed_by_peer(&mut raw),
+        "a client that sends nothing was kept"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    ferrule.wait_metric(
+        "ferrule_handshake_failures_total",
+        &[("reason", "timeout")],
+        |n| n >= 1.0,
+    );
+}
+
+#[test]
+fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let backend = Backend::echo();
+    let pki = Pki::new();
+    let ferrule = Launch::new(&pki, backend.addr)
+        .config(&pki.dir, "[limits]\nidle_timeout_ms = 300\n")
+        .start();
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    let response = client.exchange(b"GET /idle HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(response.status, 200);
+    let started = Instant::now();
+    assert!(
+        client.is_closed_by_peer(),
+        "the idle connection stayed open"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn last_response_on_a_connection_announces_the_close() {
+    let backend = Backend::echo();
+    let pki = Pki::new();
+    let ferrule = Launch::new(&pki, backend.addr)
+        .config(&pki.dir, "[limits]\nmax_requests_per_connection = 3\n")
+        .start();
+    let mut client = Client::connect(ferrule.port, &tls13(&pki));
+    for i in 1..=3 {
+        let response = client.exchange(b"GET /limited HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        assert_eq!(response.status, 200);
+        let expected = if i == 3 { Some("close") } else { None };
+        assert_eq!(response.header("Connection"), expected, "response {i}");
+    }
+    assert!(client.is_closed_by_peer());
+}
+
+#[test]
+fn ambiguous_request_framings_get_400_and_never_reach_the_backend() {
+    let backend = Backend::echo();
+    let (pki, ferrule) = start(&backend);
+    let shapes: [&[u8]; 8] = [
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+          Transfer-Encoding: identity\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\nhello",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ];
+    for shape in shapes {
+        let (response, closed) = send_raw(&ferrule, &pki, shape);
+        let shown = String::from_utf8_lossy(shape);
+        assert_eq!(response.status, 400, "{shown}");
+        assert!(closed, "{shown}");
+    }
+    assert_eq!(backend.connections(), 0, "{:?}", backend.requests());
+}
+
+#[test]
+fn origin_with_conflicting_content_lengths_gets_502() {
+    let backend = Backend::start(|_, conn| {
+        conn.get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 20\r\n\r\nok")?;
+        Ok(After::Close)
+    });
+    let (pki, ferrule) = start(&backend);
+    let response = get(ferrule.port, &tls13(&pki), "/split");
+    assert_eq!(response.status, 502);
+}

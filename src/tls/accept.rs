@@ -267,6 +267,11 @@ pub async fn accept(
     accepted.early_data = accepted.stream.conn_mut().early_data().is_some();
     if accepted.early_data {
         metrics::inc("ferrule_early_data_total", r#"result="accepted""#);
+        // Send the server's flight now: the early request's answer follows it as 0.5-RTT
+        // data, but the client's handshake must not wait for the origin to answer.
+        if accepted.stream.flush().await.is_err() {
+            return Err(fail(HandshakeFailure::Io));
+        }
         return Ok(accepted);
     }
     match accepted.finish_handshake(limit).await {
