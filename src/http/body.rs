@@ -16,6 +16,8 @@ use super::head::Framing;
 use crate::tls::accept::with_timeout;
 
 const READ_CHUNK: usize = 16 * 1024;
+/// First read buffer of a connection side: a typical request head fits.
+const FIRST_READ: usize = 2 * 1024;
 /// Queued output is written once it reaches this size (or at the end of a step).
 const FLUSH_AT: usize = 32 * 1024;
 /// Longest chunk-size line (with extensions) or trailer line accepted.
@@ -77,10 +79,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
             self.end -= self.start;
             self.start = 0;
         }
-        if self.buf.len() - self.end < READ_CHUNK / 4 {
-            self.buf.resize(self.end + READ_CHUNK, 0);
+        if self.buf.len() == self.end {
+            // Start small: an idle keep-alive connection then holds 2 KiB, not 16.
+            let grown = (self.buf.len() * 2).max(FIRST_READ);
+            self.buf
+                .resize(grown.min(READ_CHUNK).max(self.end + FIRST_READ), 0);
         }
+        let space = self.buf.len() - self.end;
         let n = self.io.read(&mut self.buf[self.end..]).await?;
+        if n == space && self.buf.len() < READ_CHUNK {
+            // Reads fill the buffer: a body is flowing, so read in larger pieces from now on.
+            self.buf.resize((self.buf.len() * 2).min(READ_CHUNK), 0);
+        }
         self.end += n;
         self.read_total += n as u64;
         Ok(n)
@@ -118,7 +128,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
     /// Releases buffers that grew for a large message, so an idle keep-alive connection
     /// holds no more memory than a new one.
     pub fn shrink(&mut self) {
-        if self.start == self.end && self.buf.capacity() > READ_CHUNK {
+        if self.start == self.end && self.buf.capacity() > FIRST_READ {
             self.buf = Vec::new();
             self.start = 0;
             self.end = 0;

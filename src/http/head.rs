@@ -316,6 +316,9 @@ pub fn parse_request(
 pub struct ResponseHead {
     pub status: u16,
     pub framing: Framing,
+    /// The origin's Content-Length, kept for responses without a body (HEAD, 304) where it
+    /// describes the representation rather than framing this message.
+    pub content_length: Option<u64>,
     /// The origin allows the connection to carry another request.
     pub reusable: bool,
     pub len: usize,
@@ -397,6 +400,7 @@ pub fn parse_response(
         client.extend_from_slice(b"\r\n");
     }
     Ok(Parsed::Complete(ResponseHead {
+        content_length: if bodiless { content_length } else { None },
         status,
         framing,
         reusable,

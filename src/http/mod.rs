@@ -242,7 +242,7 @@ async fn exchange(
                 };
             }
         };
-        let outcome = attempt(client, &mut origin, &request, early, config).await;
+        let outcome = attempt(client, &mut origin, &request, early, config, &shard.drain).await;
         metrics::add(
             "ferrule_bytes_total",
             r#"direction="upstream_out""#,
@@ -322,6 +322,7 @@ async fn attempt(
     request: &RequestHead,
     early: bool,
     config: &Config,
+    drain: &crate::shard::DrainSignal,
 ) -> Attempt {
     let reused = origin.io.reused;
     let read_limit = config.limits.idle_timeout;
@@ -385,7 +386,8 @@ async fn attempt(
     };
 
     // Response to the client, in the framing the client understands.
-    let keep_alive = request.keep_alive;
+    // A drain that started while this request was in flight is announced on its response.
+    let keep_alive = request.keep_alive && !drain.is_draining();
     let chunked_down = match response.framing {
         Framing::Chunked | Framing::UntilClose => request.minor == 1,
         _ => false,
@@ -401,14 +403,20 @@ async fn attempt(
         Framing::Chunked | Framing::UntilClose if chunked_down => {
             client.queue(b"Transfer-Encoding: chunked\r\n")
         }
-        Framing::Empty
-            if request.method != "HEAD"
+        Framing::Empty => match response.content_length {
+            // HEAD and 304: the length of the representation the origin would have sent.
+            Some(n) if response.status != 204 => {
+                client.queue(format!("Content-Length: {n}\r\n").as_bytes())
+            }
+            _ if request.method != "HEAD"
                 && response.status >= 200
                 && response.status != 204
                 && response.status != 304 =>
-        {
-            client.queue(b"Content-Length: 0\r\n")
-        }
+            {
+                client.queue(b"Content-Length: 0\r\n")
+            }
+            _ => {}
+        },
         _ => {}
     }
     client.queue(if next == Next::KeepAlive {

@@ -104,6 +104,10 @@ where
         &self.conn
     }
 
+    pub fn io(&self) -> &IO {
+        &self.io
+    }
+
     pub fn conn_mut(&mut self) -> &mut C {
         &mut self.conn
     }
