@@ -138,6 +138,9 @@ pub struct Tls {
     pub certificates: Vec<CertPair>,
     /// A directory of `NAME.pem` chains with `NAME.key` keys (and optional `NAME.ocsp`).
     pub cert_dir: Option<PathBuf>,
+    /// How often OCSP responses are fetched from each certificate's responder and written
+    /// to its OCSP file; `None` (the default) leaves the files to the operator.
+    pub ocsp_refresh: Option<Duration>,
     /// CA certificates (PEM) that sign client certificates; `None`: no client certificates.
     pub client_ca: Option<PathBuf>,
     pub client_auth: ClientAuth,
@@ -247,6 +250,7 @@ impl Default for Config {
             tls: Tls {
                 certificates: Vec::new(),
                 cert_dir: None,
+                ocsp_refresh: None,
                 client_ca: None,
                 client_auth: ClientAuth::Require,
                 client_cert_header: "X-Client-Cert-Subject".into(),
@@ -408,6 +412,7 @@ struct FileTls {
     #[serde(default)]
     certificate: Vec<FileCertificate>,
     cert_dir: Option<PathBuf>,
+    ocsp_refresh_seconds: Option<u64>,
     client_ca: Option<PathBuf>,
     client_auth: Option<ClientAuth>,
     client_cert_header: Option<String>,
@@ -620,6 +625,10 @@ impl Config {
             });
         }
         t.cert_dir = tls.cert_dir;
+        t.ocsp_refresh = tls
+            .ocsp_refresh_seconds
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs);
         t.client_ca = tls.client_ca;
         t.client_auth = tls.client_auth.unwrap_or(t.client_auth);
         if let Some(header) = tls.client_cert_header {

@@ -160,6 +160,82 @@ impl Watch {
     }
 }
 
+/// Fetches OCSP responses from each certificate's responder on a timer and writes them to
+/// the certificate's OCSP file. The file watch then reloads them like any other change, so
+/// a fetched response goes through exactly the checks an operator-provided one does.
+struct OcspRefresher {
+    period: Duration,
+    last: Option<Instant>,
+}
+
+impl OcspRefresher {
+    const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn due(&mut self) -> bool {
+        let due = self.last.is_none_or(|last| last.elapsed() >= self.period);
+        if due {
+            self.last = Some(Instant::now());
+        }
+        due
+    }
+
+    /// One round over every certificate that names an HTTP responder.
+    fn refresh(config: &Config) {
+        let mut targets: Vec<(PathBuf, PathBuf, PathBuf)> = config
+            .tls
+            .certificates
+            .iter()
+            .map(|p| {
+                let ocsp = p
+                    .ocsp
+                    .clone()
+                    .unwrap_or_else(|| p.cert.with_extension("ocsp"));
+                (p.cert.clone(), p.key.clone(), ocsp)
+            })
+            .collect();
+        if let Some(dir) = &config.tls.cert_dir {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for pem in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+                    if pem.extension().is_some_and(|x| x == "pem") {
+                        targets.push((
+                            pem.clone(),
+                            pem.with_extension("key"),
+                            pem.with_extension("ocsp"),
+                        ));
+                    }
+                }
+            }
+        }
+        for (cert, key, ocsp) in targets {
+            if let Err(e) = Self::refresh_one(&cert, &key, &ocsp) {
+                warn!("OCSP refresh for {}: {e}", cert.display());
+            }
+        }
+    }
+
+    fn refresh_one(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ocsp: &std::path::Path,
+    ) -> Result<(), String> {
+        let file = crate::tls::certs::CertFile::load(cert, key)?;
+        let Some(plan) = crate::tls::ocsp::plan(&file.chain) else {
+            return Ok(()); // No responder named, or no issuer in the chain: nothing to do.
+        };
+        let response = crate::tls::ocsp::fetch(&plan, Self::FETCH_TIMEOUT)?;
+        crate::tls::ocsp::check(&response, &file.serial)?;
+        let tmp = ocsp.with_extension("ocsp.tmp-ferrule");
+        std::fs::write(&tmp, &response).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, ocsp).map_err(|e| format!("{}: {e}", ocsp.display()))?;
+        info!(
+            "OCSP response for {} refreshed from {}",
+            cert.display(),
+            plan.url
+        );
+        Ok(())
+    }
+}
+
 /// Builds every TLS backend's client config once, so that a bad CA or client certificate
 /// is reported before the shards start (or before a reload is sent to them).
 fn validate_backends(config: &Config) -> anyhow::Result<()> {
@@ -299,7 +375,17 @@ impl Running {
     ) -> anyhow::Result<()> {
         let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         let mut watch = Watch::new(&self.config, config_path.as_deref());
+        let mut ocsp = self
+            .config
+            .tls
+            .ocsp_refresh
+            .map(|period| OcspRefresher { period, last: None });
         loop {
+            if let Some(refresher) = &mut ocsp {
+                if refresher.due() {
+                    OcspRefresher::refresh(&self.config);
+                }
+            }
             if watch.changed() {
                 info!("a watched file changed: reloading");
                 self.reload(config_path.as_deref(), &overrides);

@@ -670,3 +670,110 @@ fn client_certificates_are_required_and_their_subject_reaches_the_origin() {
         "a client-sent subject header was forwarded: {head}"
     );
 }
+
+#[test]
+fn ocsp_responses_are_fetched_from_the_responder_and_stapled() {
+    let dir = scratch("ocspfetch");
+    let (origin, _) = origin();
+    make_ca(&dir);
+    let responder_port = free_port();
+    // A leaf whose Authority Information Access names a responder on loopback.
+    std::fs::write(
+        dir.join("leaf.ext"),
+        format!(
+            "subjectAltName=DNS:fetch.test\nbasicConstraints=CA:FALSE\n\
+             authorityInfoAccess=OCSP;URI:http://127.0.0.1:{responder_port}\n"
+        ),
+    )
+    .unwrap();
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=fetch.test",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+    // The served chain carries the issuer, which the OCSP request needs.
+    let chain = [
+        std::fs::read(dir.join("leaf.pem")).unwrap(),
+        std::fs::read(dir.join("ca.pem")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(dir.join("chain.pem"), chain).unwrap();
+    ocsp_response(&dir, "leaf.pem", "unused.der");
+    // `openssl ocsp -port` takes a bare port; only loopback clients (ferrule) talk to it.
+    let port_arg = responder_port.to_string();
+    let mut responder = Command::new("openssl")
+        .args([
+            "ocsp",
+            "-index",
+            "index.txt",
+            "-port",
+            &port_arg,
+            "-rsigner",
+            "ca.pem",
+        ])
+        .args(["-rkey", "ca.key", "-CA", "ca.pem", "-ndays", "1"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(responder_port);
+    let config = format!(
+        "[tls]\ncert = \"{d}/chain.pem\"\nkey = \"{d}/leaf.key\"\nocsp_refresh_seconds = 1\n\
+         [[backend]]\naddress = \"{origin}\"\n",
+        d = dir.display()
+    );
+    let ferrule = start(&dir, &config);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stapled = String::new();
+    while Instant::now() < deadline {
+        stapled = s_client(ferrule.port, &["-servername", "fetch.test", "-status"]);
+        if stapled.contains("OCSP Response Status: successful") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = responder.kill();
+    let _ = responder.wait();
+    assert!(
+        stapled.contains("OCSP Response Status: successful"),
+        "{stapled}"
+    );
+    assert!(
+        dir.join("chain.ocsp").exists(),
+        "the fetched response was not written"
+    );
+}

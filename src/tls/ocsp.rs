@@ -195,3 +195,131 @@ mod tests {
         assert!(inspect(&[0x30, 0x03, 0x0a, 0x01, 0x01]).is_err());
     }
 }
+
+// ---- fetching from the responder ------------------------------------------------------------
+
+/// Where and what to ask for one certificate: its responder URL and a DER OCSPRequest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchPlan {
+    pub url: String,
+    pub request: Vec<u8>,
+}
+
+fn der(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    match body.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n if n <= 0xff => out.extend([0x81, n as u8]),
+        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// Builds the OCSP request for `chain[0]` (issued by `chain[1]`) and finds its responder.
+///
+/// `None` when the certificate names no HTTP responder or the chain lacks its issuer.
+pub fn plan(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<FetchPlan> {
+    use x509_parser::prelude::*;
+
+    let (_, leaf) = X509Certificate::from_der(chain.first()?).ok()?;
+    let (_, issuer) = X509Certificate::from_der(chain.get(1)?).ok()?;
+    let url = leaf
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityInfoAccess(aia) => aia.accessdescs.iter().find_map(|d| {
+                let ocsp = d.access_method.to_id_string() == "1.3.6.1.5.5.7.48.1";
+                match &d.access_location {
+                    GeneralName::URI(uri) if ocsp && uri.starts_with("http://") => {
+                        Some(uri.to_string())
+                    }
+                    _ => None,
+                }
+            }),
+            _ => None,
+        })?;
+
+    // CertID (RFC 6960, 4.1.1) with SHA-1, which every responder supports.
+    let sha1 = |data: &[u8]| {
+        ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, data)
+            .as_ref()
+            .to_vec()
+    };
+    let name_hash = sha1(issuer.subject().as_raw());
+    let key_hash = sha1(&issuer.public_key().subject_public_key.data);
+    let algorithm = der(
+        0x30,
+        &[
+            &der(0x06, &[0x2b, 0x0e, 0x03, 0x02, 0x1a])[..],
+            &[0x05, 0x00],
+        ]
+        .concat(),
+    );
+    let cert_id = der(
+        0x30,
+        &[
+            algorithm,
+            der(OCTET_STRING, &name_hash),
+            der(OCTET_STRING, &key_hash),
+            der(INTEGER, leaf.raw_serial()),
+        ]
+        .concat(),
+    );
+    let request = der(0x30, &der(0x30, &der(0x30, &der(0x30, &cert_id))));
+    Some(FetchPlan { url, request })
+}
+
+/// POSTs `plan.request` to its responder and returns the DER response body.
+pub fn fetch(plan: &FetchPlan, timeout: std::time::Duration) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Write};
+
+    let rest = plan
+        .url
+        .strip_prefix("http://")
+        .ok_or("only http:// responders")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let with_port = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let address = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
+        .map_err(|e| format!("{}: {e}", plan.url))?
+        .next()
+        .ok_or_else(|| format!("{}: no address", plan.url))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)
+        .map_err(|e| format!("{}: {e}", plan.url))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: {authority}\r\nContent-Type: application/ocsp-request\r\n\
+         Content-Length: {}\r\n\r\n",
+        plan.request.len()
+    );
+    stream
+        .write_all(&[head.as_bytes(), &plan.request].concat())
+        .map_err(|e| format!("{}: {e}", plan.url))?;
+    let mut response = Vec::new();
+    stream
+        .take(1 << 20)
+        .read_to_end(&mut response)
+        .map_err(|e| format!("{}: {e}", plan.url))?;
+    let end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("{}: no HTTP response", plan.url))?;
+    let status_line = String::from_utf8_lossy(&response[..end]);
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        let first = status_line.lines().next().unwrap_or_default().to_string();
+        return Err(format!("{}: {first}", plan.url));
+    }
+    Ok(response[end + 4..].to_vec())
+}
