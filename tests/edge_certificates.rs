@@ -746,10 +746,27 @@ fn ocsp_responses_are_fetched_from_the_responder_and_stapled() {
         .args(["-rkey", "ca.key", "-CA", "ca.pem", "-ndays", "1"])
         .current_dir(&dir)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_port(responder_port);
+    // The responder serves one connection at a time and stalls on one that sends nothing,
+    // so a port probe would wedge it: wait for its own "waiting" line instead.
+    let stderr = responder.stderr.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("waiting for OCSP client connections") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the OCSP responder did not start");
     let config = format!(
         "[tls]\ncert = \"{d}/chain.pem\"\nkey = \"{d}/leaf.key\"\nocsp_refresh_seconds = 1\n\
          [[backend]]\naddress = \"{origin}\"\n",
