@@ -115,6 +115,13 @@ pub async fn serve(
         client.written_total,
     );
     let _ = client.flush().await;
+    // A connection answered from early data may be done before the client's Finished has
+    // arrived. Complete the handshake first: closing now would cut off the client's
+    // handshake and the tickets it needs to come back with 0-RTT again.
+    if client.io.stream.conn().is_handshaking() {
+        let limit = config.limits.handshake_timeout;
+        let _ = client.io.finish_handshake(limit).await;
+    }
     let _ = client.io.stream.close().await;
 }
 

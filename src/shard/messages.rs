@@ -32,6 +32,9 @@ impl SessionMiss {
     }
 }
 
+/// A session key and its encoded state, as rustls hands them to the store.
+pub type SessionEntry = (Vec<u8>, Vec<u8>);
+
 /// A message from one core to another over the channel mesh.
 #[derive(Debug)]
 pub enum Message {
@@ -43,11 +46,8 @@ pub enum Message {
         id: u64,
         snapshot: Box<Snapshot>,
     },
-    /// A session issued on another core, travelling to its home core.
-    SessionPut {
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
+    /// Sessions issued on another core, travelling to their home core in one batch.
+    SessionPut(Vec<SessionEntry>),
     /// Asks the home core for a session; `take` removes it (TLS 1.3 tickets are single-use).
     SessionLookup {
         id: u64,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
-use crate::shard::{Message, SessionMiss};
+use crate::shard::SessionMiss;
 
 /// Fixed cost charged per entry on top of key and value bytes: the LRU node, the hash table
 /// slot and the allocation headers. Keeps the byte bound honest for small sessions.
@@ -228,7 +228,8 @@ impl rustls::server::StoresServerSessions for ShardSessionStore {
             shard.sessions.borrow_mut().insert(key, value);
             true
         } else {
-            shard.post(home, Message::SessionPut { key, value })
+            shard.post_session(home, key, value);
+            true
         }
     }
 
