@@ -52,6 +52,9 @@ pub struct OriginConn {
     pub reused: bool,
 }
 
+/// How long an idle pooled connection is reused without first checking that it is open.
+const TRUST_IDLE_FOR: Duration = Duration::from_secs(1);
+
 struct Idle {
     conn: OriginConn,
     since: Instant,
@@ -248,7 +251,11 @@ impl Upstreams {
             let fresh = now.duration_since(entry.since) < max_idle_time
                 && now.duration_since(entry.conn.created) < max_age;
             let mut conn = entry.conn;
-            if fresh && conn.stream.is_idle_and_open().await {
+            // A connection idle for less than a second is trusted without a syscall: an origin
+            // almost never closes that fast without saying so, and if one does, the request
+            // is retried on a fresh connection when that is safe (see `http::exchange`).
+            let recent = now.duration_since(entry.since) < TRUST_IDLE_FOR;
+            if fresh && (recent || conn.stream.is_idle_and_open().await) {
                 conn.reused = true;
                 return Some(conn);
             }
