@@ -126,6 +126,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Requests that arrived as early data, by what ferrule did with them.",
     ),
     (
+        "ferrule_internal_errors_total",
+        "counter",
+        "Bugs caught and survived (a panicking connection task), by kind. Should stay 0.",
+    ),
+    (
         "ferrule_reloads_total",
         "counter",
         "Configuration reloads by result.",

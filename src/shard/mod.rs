@@ -303,7 +303,17 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(message) = receiver.recv().await {
-                shard.handle(peer, message).await;
+                let handled = std::panic::AssertUnwindSafe(shard.handle(peer, message));
+                if futures_lite::FutureExt::catch_unwind(handled)
+                    .await
+                    .is_err()
+                {
+                    log::error!(
+                        "core {}: handling a message from core {peer} panicked",
+                        shard.cpu
+                    );
+                    crate::metrics::inc("ferrule_internal_errors_total", r#"kind="panic""#);
+                }
             }
         })
         .detach();
@@ -373,7 +383,20 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
             Some(Ok(stream)) => {
                 let shard = shard.clone();
                 glommio::spawn_local(async move {
-                    serve_connection(&shard, stream).await;
+                    // A bug must cost one connection, never the core and all its clients:
+                    // a panic unwinds to here, is logged and counted, and the shard goes on.
+                    let serve = std::panic::AssertUnwindSafe(serve_connection(&shard, stream));
+                    if let Err(panic) = futures_lite::FutureExt::catch_unwind(serve).await {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        log::error!("core {}: connection task panicked: {what}", shard.cpu);
+                        crate::metrics::inc("ferrule_internal_errors_total", r#"kind="panic""#);
+                        shard.drain.connection_finished();
+                        crate::metrics::connection_closed();
+                    }
                     drop(permit);
                 })
                 .detach();
