@@ -46,7 +46,7 @@ pub enum Message {
         id: u64,
         snapshot: Box<Snapshot>,
     },
-    /// Sessions issued on another core, travelling to their home core in one batch.
+    /// Sessions issued on another core, travelling to their home core.
     SessionPut(Vec<SessionEntry>),
     /// Asks the home core for a session; `take` removes it (TLS 1.3 tickets are single-use).
     SessionLookup {

@@ -36,14 +36,11 @@ use crate::tls::session::SessionPartition;
 use crate::tls::ServerContext;
 use crate::upstream::Upstreams;
 pub use drain::DrainSignal;
-pub use messages::{Control, Message, SessionEntry, SessionMiss};
+pub use messages::{Control, Message, SessionMiss};
 
 /// Depth of each core-to-core channel. Sessions are small; 4096 in flight per pair is far
 /// beyond what a burst of handshakes produces between two control ticks.
 pub const MESH_CHANNEL_DEPTH: usize = 4096;
-
-/// How long a shard gathers sessions for another core before sending them as one message.
-const SESSION_BATCH_DELAY: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// How often a shard looks at its control channel from the main thread.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
@@ -74,8 +71,6 @@ pub struct Shard {
     pub drain: DrainSignal,
     senders: Senders<Message>,
     pending: RefCell<HashMap<u64, LocalSender<Message>>>,
-    /// Sessions waiting to travel to each home core (indexed by core).
-    outbox: RefCell<Vec<Vec<SessionEntry>>>,
     next_request: Cell<u64>,
 }
 
@@ -89,47 +84,16 @@ pub fn current() -> Option<Rc<Shard>> {
 }
 
 impl Shard {
-    /// Queues a session for its home core `peer`; queued sessions leave together.
+    /// Sends a session to its home core `peer` without waiting; a full channel drops it.
     ///
-    /// Called from rustls callbacks, which cannot wait. Batching matters because a message
-    /// to a parked core costs a wake-up there: with a batch per `SESSION_BATCH_DELAY`, a
-    /// burst of handshakes costs the home core one wake-up, not two per handshake. A client
-    /// that returns before its batch arrives is covered by the lookup's retry.
-    pub fn post_session(self: &Rc<Self>, peer: usize, key: Vec<u8>, value: Vec<u8>) {
-        let mut outbox = self.outbox.borrow_mut();
-        let Some(queue) = outbox.get_mut(peer) else {
-            return;
-        };
-        let first = queue.is_empty();
-        queue.push((key, value));
-        if first {
-            let shard = self.clone();
-            glommio::spawn_local(async move {
-                glommio::timer::sleep(SESSION_BATCH_DELAY).await;
-                shard.flush_sessions(peer);
-            })
-            .detach();
-        }
-    }
-
-    /// Sends the sessions queued for `peer`; a full channel drops them (counted): it only
-    /// costs those clients a full handshake next time.
-    fn flush_sessions(&self, peer: usize) {
-        let batch = std::mem::take(&mut self.outbox.borrow_mut()[peer]);
-        if batch.is_empty() {
-            return;
-        }
-        let count = batch.len() as u64;
-        if self
-            .senders
-            .try_send_to(peer, Message::SessionPut(batch))
-            .is_err()
-        {
-            crate::metrics::add(
-                "ferrule_session_lookups_total",
-                r#"result="dropped""#,
-                count,
-            );
+    /// Called from rustls callbacks, which cannot wait. A dropped session only costs that
+    /// client a full handshake next time, and the drop is counted. Sessions go at once rather
+    /// than in timed batches: a client may return within a millisecond, and a batch delayed
+    /// by a busy scheduler turned such returns into full handshakes.
+    pub fn post_session(&self, peer: usize, key: Vec<u8>, value: Vec<u8>) {
+        let message = Message::SessionPut(vec![(key, value)]);
+        if self.senders.try_send_to(peer, message).is_err() {
+            crate::metrics::inc("ferrule_session_lookups_total", r#"result="dropped""#);
         }
     }
 
@@ -293,7 +257,6 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
         drain: DrainSignal::default(),
         senders,
         pending: RefCell::new(HashMap::new()),
-        outbox: RefCell::new(vec![Vec::new(); plan.shards]),
         next_request: Cell::new(0),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
