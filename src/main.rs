@@ -128,9 +128,11 @@ impl ServeArgs {
 fn main() -> ExitCode {
     // rustls logs peer quirks (an IP address sent as SNI, say) at warn for every connection;
     // at the edge that is a flood, not news. RUST_LOG=rustls=warn brings them back.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,rustls=error"))
-        .format_target(false)
-        .init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,rustls=error"),
+    )
+    .format_target(false)
+    .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
