@@ -34,6 +34,40 @@ fn early_connection(config: &Arc<ClientConfig>, request: &[u8]) -> ClientConnect
     conn
 }
 
+/// The first flight (ClientHello plus early data) of a 0-RTT connection carrying `request`,
+/// as an attacker on the path would record it.
+fn first_flight(config: &Arc<ClientConfig>, request: &[u8]) -> Vec<u8> {
+    let mut conn = early_connection(config, request);
+    let mut flight = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut flight).unwrap();
+    }
+    flight
+}
+
+/// Sends `flight` raw over `times` new connections at once, from both CPUs, reading each
+/// connection until it closes or `read_timeout` passes.
+fn replay(port: u16, flight: Vec<u8>, times: usize, read_timeout: Duration) {
+    let flight = Arc::new(flight);
+    let replays: Vec<_> = (0..times)
+        .map(|i| {
+            let flight = flight.clone();
+            std::thread::spawn(move || {
+                on_cpu(i, || {
+                    let mut raw = tcp_connect(port);
+                    raw.set_read_timeout(Some(read_timeout)).unwrap();
+                    raw.write_all(&flight).unwrap();
+                    let mut sink = Vec::new();
+                    let _ = raw.read_to_end(&mut sink);
+                })
+            })
+        })
+        .collect();
+    for replay in replays {
+        replay.join().unwrap();
+    }
+}
+
 fn start(backend: &Backend) -> (Pki, Ferrule) {
     let pki = Pki::new();
     let ferrule = Launch::new(&pki, backend.addr).start();
@@ -134,32 +168,10 @@ fn replayed_first_flight_reaches_the_backend_once() {
     // The first flight of a 0-RTT connection, as an attacker on the path would record it.
     let target = format!("/{}", unique("replay"));
     let request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    let mut conn = early_connection(&config, request.as_bytes());
-    let mut flight = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut flight).unwrap();
-    }
-    let flight = Arc::new(flight);
+    let flight = first_flight(&config, request.as_bytes());
 
     // Replay it, all at once, from both CPUs.
-    let port = ferrule.port;
-    let replays: Vec<_> = (0..REPLAYS)
-        .map(|i| {
-            let flight = flight.clone();
-            std::thread::spawn(move || {
-                on_cpu(i, || {
-                    let mut raw = tcp_connect(port);
-                    raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                    raw.write_all(&flight).unwrap();
-                    let mut sink = Vec::new();
-                    let _ = raw.read_to_end(&mut sink);
-                })
-            })
-        })
-        .collect();
-    for replay in replays {
-        replay.join().unwrap();
-    }
+    replay(ferrule.port, flight, REPLAYS, Duration::from_secs(2));
     let seen = backend.wait_requests_to(&target, 1);
     let metrics = ferrule.wait_metric("ferrule_connections_accepted_total", &[], |n| {
         n >= (REPLAYS + 1) as f64
@@ -382,29 +394,8 @@ fn replayed_early_post_never_reaches_the_backend() {
     let target = format!("/{}", unique("replay-post"));
     let request =
         format!("POST {target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n\r\nbuy");
-    let mut conn = early_connection(&config, request.as_bytes());
-    let mut flight = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut flight).unwrap();
-    }
-    let port = ferrule.port;
-    let replays: Vec<_> = (0..20)
-        .map(|i| {
-            let flight = flight.clone();
-            std::thread::spawn(move || {
-                on_cpu(i, || {
-                    let mut raw = tcp_connect(port);
-                    raw.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-                    raw.write_all(&flight).unwrap();
-                    let mut sink = Vec::new();
-                    let _ = raw.read_to_end(&mut sink);
-                })
-            })
-        })
-        .collect();
-    for replay in replays {
-        replay.join().unwrap();
-    }
+    let flight = first_flight(&config, request.as_bytes());
+    replay(ferrule.port, flight, 20, Duration::from_secs(1));
     ferrule.wait_metric("ferrule_early_requests_total", &[("action", "held")], |n| {
         n >= 1.0
     });
