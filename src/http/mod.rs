@@ -233,7 +233,9 @@ async fn exchange(
     let mut retried = false;
     let mut retried_too_early = false;
     loop {
-        let mut origin = match shard.upstreams.checkout().await {
+        // A retry after a pooled connection turned out stale goes to a fresh connection:
+        // the next pooled one may well have been closed by the same origin timeout.
+        let mut origin = match shard.upstreams.checkout(retried).await {
             Ok(conn) => Buffered::new(conn),
             Err(e) => {
                 let status = if e == ConnectError::TimedOut {

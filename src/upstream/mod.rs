@@ -136,37 +136,36 @@ impl Upstreams {
         Ok(())
     }
 
-    /// The backends to try, in round-robin order, skipping those in back-off while any
-    /// other is available.
-    fn order(&self) -> Vec<usize> {
-        let backends = self.backends.borrow();
-        let count = backends.len();
+    /// Whether backend `index` is out of back-off at `now`.
+    fn is_up(&self, index: usize, now: Instant) -> bool {
+        self.backends
+            .borrow()
+            .get(index)
+            .is_some_and(|b| b.down_until.get().is_none_or(|until| until <= now))
+    }
+
+    /// A pooled connection if a live one is at hand (unless `fresh`), otherwise a new one.
+    ///
+    /// Backends are tried in round-robin order, skipping those in back-off while any other
+    /// is available. When every backend is in back-off, all are tried anyway: back-off is a
+    /// preference, and refusing all traffic because of a stale mark would turn a blip into
+    /// an outage.
+    pub async fn checkout(&self, fresh: bool) -> Result<OriginConn, ConnectError> {
+        let count = self.backends.borrow().len();
         let start = self.next.get();
         self.next.set(start.wrapping_add(1));
         let now = Instant::now();
-        let rotation = (0..count).map(|i| (start + i) % count);
-        let (up, down): (Vec<usize>, Vec<usize>) = rotation.partition(|i| {
-            backends[*i]
-                .down_until
-                .get()
-                .is_none_or(|until| until <= now)
-        });
-        // When every backend is in back-off, try them anyway: back-off is a preference, and
-        // refusing all traffic because of a stale mark would turn a blip into an outage.
-        if up.is_empty() {
-            down
-        } else {
-            up
-        }
-    }
-
-    /// A pooled connection if a live one is at hand, otherwise a new one.
-    pub async fn checkout(&self) -> Result<OriginConn, ConnectError> {
+        let any_up = (0..count).any(|i| self.is_up(i, now));
         let mut last = ConnectError::Refused;
-        for index in self.order() {
-            if let Some(conn) = self.pooled(index).await {
-                metrics::inc("ferrule_upstream_reuses_total", "");
-                return Ok(conn);
+        for index in (0..count).map(|i| (start + i) % count) {
+            if any_up && !self.is_up(index, now) {
+                continue;
+            }
+            if !fresh {
+                if let Some(conn) = self.pooled(index).await {
+                    metrics::inc("ferrule_upstream_reuses_total", "");
+                    return Ok(conn);
+                }
             }
             match self.connect(index).await {
                 Ok(conn) => return Ok(conn),
@@ -176,8 +175,8 @@ impl Upstreams {
         Err(last)
     }
 
-    /// A new connection to the backend `index` (used for retries after a stale pooled one).
-    pub async fn connect(&self, index: usize) -> Result<OriginConn, ConnectError> {
+    /// A new connection to the backend `index`, marking the backend down if it fails.
+    async fn connect(&self, index: usize) -> Result<OriginConn, ConnectError> {
         let (address, tls, timeout, backoff) = {
             let backends = self.backends.borrow();
             let settings = self.settings.borrow();

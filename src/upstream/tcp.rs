@@ -18,7 +18,7 @@ pub async fn serve(shard: &Rc<Shard>, mut client: AcceptedConn, config: &Config)
     {
         return;
     }
-    let Ok(mut origin) = shard.upstreams.checkout().await else {
+    let Ok(mut origin) = shard.upstreams.checkout(true).await else {
         let _ = client.stream.close().await;
         return;
     };
