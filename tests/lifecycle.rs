@@ -9,17 +9,29 @@ use std::time::Duration;
 
 use common::*;
 
-#[test]
-fn misspelt_config_key_exits_2_naming_the_key_and_line() {
-    let pki = Pki::new();
-    let config = pki.dir.join("bad.toml");
-    std::fs::write(&config, "[limits]\nidle_timout_ms = 5\n").unwrap();
-    let mut args = Launch::new(&pki, "127.0.0.1:9".parse().unwrap()).command_line();
+/// Runs `ferrule serve` with a config file holding `text`; returns the file, the exit code
+/// and stderr.
+fn serve_with_config(
+    pki: &Pki,
+    name: &str,
+    text: &str,
+) -> (std::path::PathBuf, Option<i32>, String) {
+    let config = pki.dir.join(name);
+    std::fs::write(&config, text).unwrap();
+    let mut args = Launch::new(pki, "127.0.0.1:9".parse().unwrap()).command_line();
     args.push("--config".into());
     args.push(config.clone().into());
     let out = run_ferrule(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (config, out.status.code(), stderr)
+}
+
+#[test]
+fn misspelt_config_key_exits_2_naming_the_key_and_line() {
+    let pki = Pki::new();
+    let (config, code, stderr) =
+        serve_with_config(&pki, "bad.toml", "[limits]\nidle_timout_ms = 5\n");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("idle_timout_ms"),
         "the key is not named: {stderr}"
@@ -33,14 +45,9 @@ fn misspelt_config_key_exits_2_naming_the_key_and_line() {
 #[test]
 fn out_of_range_value_exits_2_naming_the_dotted_key_and_line() {
     let pki = Pki::new();
-    let config = pki.dir.join("zero.toml");
-    std::fs::write(&config, "# limits\n\n[limits]\nidle_timeout_ms = 0\n").unwrap();
-    let mut args = Launch::new(&pki, "127.0.0.1:9".parse().unwrap()).command_line();
-    args.push("--config".into());
-    args.push(config.clone().into());
-    let out = run_ferrule(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let text = "# limits\n\n[limits]\nidle_timeout_ms = 0\n";
+    let (_, code, stderr) = serve_with_config(&pki, "zero.toml", text);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains(":4: limits.idle_timeout_ms"), "{stderr}");
 }
 
