@@ -13,7 +13,7 @@ use futures_lite::io::{AsyncRead, AsyncWrite};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use super::head::Framing;
-use crate::tls::accept::with_timeout;
+use crate::shard::with_timeout;
 
 const READ_CHUNK: usize = 16 * 1024;
 /// First read buffer of a connection side: a typical request head fits.

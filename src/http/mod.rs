@@ -58,7 +58,7 @@ impl AsyncWrite for AcceptedConn {
     }
 }
 
-type Client = Buffered<AcceptedConn>;
+type Client = Buffered<Box<AcceptedConn>>;
 type Origin = Buffered<OriginConn>;
 
 /// What to do with the client connection after one exchange.
@@ -71,7 +71,7 @@ enum Next {
 /// Serves HTTP/1.1 requests on one client connection until it closes.
 pub async fn serve(
     shard: &Rc<Shard>,
-    accepted: AcceptedConn,
+    accepted: Box<AcceptedConn>,
     peer: Option<SocketAddr>,
     config: &Config,
 ) {

@@ -36,7 +36,7 @@ async fn serve(mut stream: TcpStream) {
     let mut request = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     let complete = loop {
-        let read = crate::tls::accept::with_timeout(Duration::from_secs(5), stream.read(&mut buf));
+        let read = crate::shard::with_timeout(Duration::from_secs(5), stream.read(&mut buf));
         match read.await {
             Some(Ok(n)) if n > 0 => request.extend_from_slice(&buf[..n]),
             _ => break false,

@@ -18,6 +18,7 @@
 
 mod drain;
 mod messages;
+mod timeout;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use crate::tls::ServerContext;
 use crate::upstream::Upstreams;
 pub use drain::DrainSignal;
 pub use messages::{Control, Message, SessionMiss};
+pub use timeout::with_timeout;
 
 /// Depth of each core-to-core channel. Sessions are small; 4096 in flight per pair is far
 /// beyond what a burst of handshakes produces between two control ticks.
@@ -380,7 +382,10 @@ async fn serve_connection(shard: &Rc<Shard>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     let config = shard.config.borrow().clone();
 
-    match crate::tls::accept::accept(shard, stream, &config).await {
+    // The handshake's future is large (ClientHello buffers, session lookup, rustls's
+    // acceptor) and done with once the connection is established: on the heap, it is freed
+    // then instead of sizing every connection task for the rest of its life.
+    match Box::pin(crate::tls::accept::accept(shard, stream, &config)).await {
         Ok(accepted) => match config.mode {
             crate::config::Mode::Http => crate::http::serve(shard, accepted, peer, &config).await,
             crate::config::Mode::Tcp => crate::upstream::tcp::serve(shard, accepted, &config).await,

@@ -21,7 +21,7 @@ use rustls::ServerConnection;
 use super::stream::TlsStream;
 use crate::config::Config;
 use crate::metrics::{self, HandshakeKind};
-use crate::shard::{Message, SessionMiss, Shard};
+use crate::shard::{with_timeout, Message, SessionMiss, Shard};
 
 /// The client-facing stream type.
 pub type ServerStream = TlsStream<TcpStream, ServerConnection>;
@@ -108,18 +108,6 @@ fn suite_label(suite: rustls::CipherSuite) -> &'static str {
     }
 }
 
-/// Runs `future` for at most `limit`.
-pub async fn with_timeout<T>(
-    limit: Duration,
-    future: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    futures_lite::future::or(async { Some(future.await) }, async {
-        glommio::timer::sleep(limit).await;
-        None
-    })
-    .await
-}
-
 /// Why a connection ended before its handshake completed; the label of the failure metric.
 #[derive(Clone, Copy, Debug)]
 pub enum HandshakeFailure {
@@ -160,7 +148,7 @@ pub async fn accept(
     shard: &Rc<Shard>,
     mut tcp: TcpStream,
     config: &Config,
-) -> Result<AcceptedConn, HandshakeFailure> {
+) -> Result<Box<AcceptedConn>, HandshakeFailure> {
     let started = Instant::now();
     let limit = config.limits.handshake_timeout;
 
@@ -255,7 +243,9 @@ pub async fn accept(
     conn.set_buffer_limit(Some(PLAINTEXT_BUFFER_LIMIT));
 
     // 6. Hand over now (0-RTT), or finish the handshake first.
-    let mut accepted = AcceptedConn {
+    // Boxed: the connection outlives the handshake's future, and the request loop that
+    // takes it over then holds a pointer instead of the whole rustls state.
+    let mut accepted = Box::new(AcceptedConn {
         stream: TlsStream::new(tcp, conn),
         early_data: false,
         client_subject: None,
@@ -263,7 +253,7 @@ pub async fn accept(
         cert_label,
         started,
         recorded: false,
-    };
+    });
     accepted.early_data = accepted.stream.conn_mut().early_data().is_some();
     if accepted.early_data {
         metrics::inc("ferrule_early_data_total", r#"result="accepted""#);

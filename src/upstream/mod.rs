@@ -167,7 +167,9 @@ impl Upstreams {
                     return Ok(conn);
                 }
             }
-            match self.connect(index).await {
+            // Boxed: dialing (and an origin TLS handshake) is the largest state a request
+            // can be in, and most requests take a pooled connection instead.
+            match Box::pin(self.connect(index)).await {
                 Ok(conn) => return Ok(conn),
                 Err(e) => last = e,
             }
@@ -199,7 +201,7 @@ impl Upstreams {
                 Some((config, name)) => origin_tls::handshake(tcp, config, name).await,
             }
         };
-        let attempt = crate::tls::accept::with_timeout(timeout, dial).await;
+        let attempt = crate::shard::with_timeout(timeout, dial).await;
         let mark_down = |label| {
             metrics::inc("ferrule_upstream_connect_failures_total", label);
             if let Some(backend) = self.backends.borrow().get(index) {

@@ -8,7 +8,7 @@ use crate::metrics;
 use crate::shard::Shard;
 use crate::tls::accept::AcceptedConn;
 
-pub async fn serve(shard: &Rc<Shard>, mut client: AcceptedConn, config: &Config) {
+pub async fn serve(shard: &Rc<Shard>, mut client: Box<AcceptedConn>, config: &Config) {
     // Early data in TCP mode would be forwarded before the handshake proves it is not a
     // replay, and ferrule cannot judge an unknown protocol's safety: finish the handshake.
     if client
