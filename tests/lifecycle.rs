@@ -242,3 +242,58 @@ fn sigterm_closes_idle_keep_alive_connections_without_waiting_for_the_drain_time
         assert!(client.is_closed_by_peer());
     }
 }
+
+/// What `ss` says of ferrule's side of the TCP connection that `client` opened.
+fn server_side_socket(ferrule_port: u16, client: &std::net::TcpStream) -> String {
+    let client_port = client.local_addr().unwrap().port();
+    let filter = format!("( sport = :{ferrule_port} and dport = :{client_port} )");
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &filter])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn accepted_connections_inherit_keepalive_from_the_listener_and_follow_a_reload() {
+    let backend = Backend::start(|_, conn| {
+        respond(conn.get_mut(), 200, &[], b"ok")?;
+        Ok(After::KeepAlive)
+    });
+    let pki = Pki::new();
+    let config = pki.dir.join("sockets.toml");
+    std::fs::write(&config, "[socket]\nkeepalive_idle_seconds = 300\n").unwrap();
+    let ferrule = Launch::new(&pki, backend.addr).config_file(&config).start();
+
+    // A connection still in its handshake is enough: the options come with accept().
+    let first = std::net::TcpStream::connect(ferrule.addr()).unwrap();
+    let line = wait_until(TIMEOUT, "ferrule's side of the connection", || {
+        let line = server_side_socket(ferrule.port, &first);
+        (!line.is_empty()).then_some(line)
+    });
+    assert!(
+        line.contains("timer:(keepalive,4min") || line.contains("timer:(keepalive,5min"),
+        "expected a 300 s keepalive timer: {line}"
+    );
+
+    std::fs::write(&config, "[socket]\nkeepalive_idle_seconds = 0\n").unwrap();
+    ferrule.signal(libc::SIGHUP);
+    for core in ["0", "1"] {
+        ferrule.wait_metric(
+            "ferrule_reloads_total",
+            &[("core", core), ("result", "ok")],
+            |n| n >= 1.0,
+        );
+    }
+    for _ in 0..4 {
+        let later = std::net::TcpStream::connect(ferrule.addr()).unwrap();
+        let line = wait_until(TIMEOUT, "ferrule's side of the connection", || {
+            let line = server_side_socket(ferrule.port, &later);
+            (!line.is_empty()).then_some(line)
+        });
+        assert!(
+            !line.contains("keepalive"),
+            "keepalive still on after the reload: {line}"
+        );
+    }
+}

@@ -5,7 +5,7 @@
 //! shard gets the same port even when the configured port is 0.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 
@@ -27,9 +27,7 @@ pub fn listeners(
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
-        if opts.nodelay {
-            socket.set_nodelay(true)?;
-        }
+        set_inherited_options(&socket, opts)?;
         if let Some(size) = opts.recv_buffer_bytes {
             socket.set_recv_buffer_size(size)?;
         }
@@ -96,22 +94,30 @@ fn set_int(socket: &Socket, level: i32, name: i32, value: u32) -> std::io::Resul
     }
 }
 
-/// Applies per-connection options to an accepted client socket.
-pub fn tune_accepted(stream: &glommio::net::TcpStream, opts: &config::Socket) {
-    if opts.nodelay {
-        let _ = stream.set_nodelay(true);
+/// Sets the options that accepted connections inherit from their listener: TCP_NODELAY and
+/// TCP keepalive with its timers. Set once on the listener, they cost no syscall per
+/// connection (a handshake otherwise paid five `setsockopt`s).
+pub fn set_inherited_options(listener: &Socket, opts: &config::Socket) -> std::io::Result<()> {
+    listener.set_nodelay(opts.nodelay)?;
+    match opts.keepalive_idle {
+        Some(idle) => listener.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(opts.keepalive_interval)
+                .with_retries(opts.keepalive_count),
+        ),
+        None => listener.set_keepalive(false),
     }
-    if let Some(idle) = opts.keepalive_idle {
-        // SAFETY: the fd belongs to `stream`, which outlives this borrowed Socket; ManuallyDrop
-        // keeps socket2 from closing it.
-        let socket = std::mem::ManuallyDrop::new(unsafe {
-            use std::os::fd::FromRawFd;
-            Socket::from_raw_fd(stream.as_raw_fd())
-        });
-        let keepalive = TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(opts.keepalive_interval)
-            .with_retries(opts.keepalive_count);
-        let _ = socket.set_tcp_keepalive(&keepalive);
-    }
+}
+
+/// [`set_inherited_options`] on a listener that a shard's glommio listener owns, for
+/// connections accepted after a reload.
+///
+/// # Safety
+/// `fd` must be an open listening socket for the duration of the call.
+pub unsafe fn retune_listener(fd: RawFd, opts: &config::Socket) -> std::io::Result<()> {
+    // SAFETY: the caller guarantees the fd is open; ManuallyDrop keeps socket2 from closing
+    // a descriptor it does not own.
+    let socket = std::mem::ManuallyDrop::new(unsafe { Socket::from_raw_fd(fd) });
+    set_inherited_options(&socket, opts)
 }

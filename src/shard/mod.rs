@@ -71,6 +71,9 @@ pub struct Shard {
     pub sessions: RefCell<SessionPartition>,
     pub upstreams: Upstreams,
     pub drain: DrainSignal,
+    /// This shard's listening socket, owned by the glommio listener in `run`, which drops
+    /// it only after draining has started.
+    listener_fd: std::os::fd::RawFd,
     senders: Senders<Message>,
     pending: RefCell<HashMap<u64, LocalSender<Message>>>,
     next_request: Cell<u64>,
@@ -195,6 +198,17 @@ impl Shard {
                     if let Err(e) = self.upstreams.reconfigure(&config) {
                         warn!("core {}: backends not reconfigured: {e:#}", self.cpu);
                     }
+                    if !self.drain.is_draining() {
+                        // SAFETY: the listener is dropped only after draining has started
+                        // (accept_loop returns on drain alone), and this runs on the same
+                        // thread, so the fd is still the open listener.
+                        let retuned = unsafe {
+                            crate::net::retune_listener(self.listener_fd, &config.socket)
+                        };
+                        if let Err(e) = retuned {
+                            warn!("core {}: socket options not applied: {e}", self.cpu);
+                        }
+                    }
                     *self.config.borrow_mut() = config;
                     crate::metrics::inc("ferrule_reloads_total", r#"result="ok""#);
                 }
@@ -260,6 +274,7 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
         senders,
         pending: RefCell::new(HashMap::new()),
         next_request: Cell::new(0),
+        listener_fd: std::os::fd::AsRawFd::as_raw_fd(&plan.listener_fd),
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
 
@@ -378,7 +393,6 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
 async fn serve_connection(shard: &Rc<Shard>, stream: TcpStream) {
     crate::metrics::connection_opened();
     shard.drain.connection_started();
-    crate::net::tune_accepted(&stream, &shard.config.borrow().socket);
     let peer = stream.peer_addr().ok();
     let config = shard.config.borrow().clone();
 
