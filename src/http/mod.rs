@@ -59,6 +59,9 @@ impl AsyncWrite for AcceptedConn {
 }
 
 type Client = Buffered<Box<AcceptedConn>>;
+
+/// Largest last response whose records wait to leave together with close_notify.
+const HOLD_LAST_RESPONSE_MAX: u64 = 16 * 1024;
 type Origin = Buffered<OriginConn>;
 
 /// What to do with the client connection after one exchange.
@@ -406,6 +409,17 @@ async fn attempt(
     } else {
         Next::Close
     };
+    // The last response on the connection, when it is small and complete in itself, leaves
+    // in one send with the close_notify that follows it. A streamed or large body is
+    // flushed as it goes, so that a slow origin's bytes are not held back.
+    let small_body = match response.framing {
+        Framing::Empty => true,
+        Framing::Length(n) => n <= HOLD_LAST_RESPONSE_MAX,
+        _ => false,
+    };
+    if next == Next::Close && small_body {
+        client.io.stream.flush_at_close();
+    }
     client.queue(&response.client);
     match response.framing {
         Framing::Length(n) => client.queue(format!("Content-Length: {n}\r\n").as_bytes()),

@@ -45,6 +45,17 @@ pub struct TlsStream<IO, C> {
     conn: C,
     /// The transport returned end-of-file; rustls has been told.
     transport_eof: bool,
+    /// Writes stay queued in rustls until `close`, which sends them with close_notify.
+    flush_at_close: bool,
+}
+
+/// Most bytes of queued TLS records copied into one send; larger writes go out as they are.
+const COALESCE_LIMIT: usize = 32 * 1024;
+
+thread_local! {
+    /// Where a shard gathers queued records into one send (see `Adapter::write_vectored`).
+    static COALESCE_BUFFER: std::cell::RefCell<Vec<u8>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Adapts a polled transport to the blocking `io::Read`/`io::Write` that rustls expects;
@@ -71,11 +82,32 @@ impl<IO: AsyncWrite + Unpin> Write for Adapter<'_, '_, IO> {
         }
     }
 
+    /// rustls hands over every queued record at once: a handshake flight is three to six
+    /// of them, a last response is followed by close_notify. glommio's stream sends only the
+    /// first buffer of a vectored write, which would cost a send, a packet and a wake-up of
+    /// the peer per record. The records are copied into one buffer (up to
+    /// [`COALESCE_LIMIT`] bytes) and sent together; rustls consumes whatever part was sent.
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match Pin::new(&mut *self.io).poll_write_vectored(self.cx, bufs) {
-            Poll::Ready(result) => result,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        let mut pending = bufs.iter().filter(|b| !b.is_empty());
+        let Some(first) = pending.next() else {
+            return Ok(0);
+        };
+        if bufs.len() == 1 || first.len() >= COALESCE_LIMIT {
+            return self.write(first);
         }
+
+        COALESCE_BUFFER.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            scratch.extend_from_slice(first);
+            for buf in pending {
+                if scratch.len() + buf.len() > COALESCE_LIMIT {
+                    break;
+                }
+                scratch.extend_from_slice(buf);
+            }
+            self.write(&scratch)
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -97,6 +129,7 @@ where
             io,
             conn,
             transport_eof: false,
+            flush_at_close: false,
         }
     }
 
@@ -110,6 +143,13 @@ where
 
     pub fn conn_mut(&mut self) -> &mut C {
         &mut self.conn
+    }
+
+    /// Holds what is written from now on until [`close`](Self::close), so that the last
+    /// response of a connection and its close_notify leave in one send. Flushes become
+    /// no-ops; a write that finds rustls's buffer full still sends, so a long body streams.
+    pub fn flush_at_close(&mut self) {
+        self.flush_at_close = true;
     }
 
     /// Writes queued TLS records to the transport until rustls has none left.
@@ -163,8 +203,18 @@ where
     }
 
     /// Drives the handshake to completion.
+    ///
+    /// What TLS 1.3 queues once the handshake is done (a server's session tickets, a
+    /// client's Finished) is left for the next write or the next read that has to wait,
+    /// both of which send it: it then shares a send with the first response or request
+    /// instead of costing one of its own.
     pub fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
+            if !self.conn.is_handshaking()
+                && self.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+            {
+                return Poll::Ready(Ok(()));
+            }
             let flushed = self.poll_write_tls(cx)?;
             if !self.conn.is_handshaking() {
                 return match flushed {
@@ -250,22 +300,29 @@ where
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
 
-        // Keep at most one batch of records queued in rustls: flush before accepting more, so
-        // a slow reader pushes back on whoever writes to us instead of growing a buffer.
-        if this.poll_write_tls(cx)?.is_pending() {
-            return Poll::Pending;
-        }
+        // Queue first, then send once: records already waiting (the session tickets issued
+        // as the handshake completed, the rest of an earlier write) leave in the same send
+        // as these. rustls's buffer limit bounds what can wait, so a slow reader still
+        // pushes back on whoever writes to us.
         let n = this.conn.writer().write(buf)?;
         if n == 0 && !buf.is_empty() {
-            // rustls holds a full buffer of plaintext it may not send before the handshake
-            // completes: make progress on the handshake and come back when it has.
-            return match this.poll_handshake(cx)? {
+            // rustls's buffer is full, or holds plaintext it may not send before the
+            // handshake completes: send what it can and come back when that has moved.
+            let progress = if this.conn.is_handshaking() {
+                this.poll_handshake(cx)?
+            } else {
+                this.poll_write_tls(cx)?
+            };
+            return match progress {
                 Poll::Ready(()) => {
                     cx.waker().wake_by_ref();
                     Poll::Pending
                 }
                 Poll::Pending => Poll::Pending,
             };
+        }
+        if this.flush_at_close {
+            return Poll::Ready(Ok(n));
         }
         if let Poll::Ready(Err(e)) = this.poll_write_tls(cx) {
             return Poll::Ready(Err(e));
@@ -275,6 +332,9 @@ where
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.flush_at_close {
+            return Poll::Ready(Ok(()));
+        }
         match this.poll_write_tls(cx)? {
             Poll::Ready(()) => Pin::new(&mut this.io).poll_flush(cx),
             Poll::Pending => Poll::Pending,
