@@ -306,6 +306,11 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // ferrule patch: pairs with the SeqCst fence a sleeping executor issues after it sets
+        // `should_notify` (see `Reactor::wait` in uring.rs). Whatever this thread queued
+        // for it before calling here is then either seen by the sleeper before it sleeps,
+        // or this load sees `should_notify` set and writes the eventfd.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
