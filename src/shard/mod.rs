@@ -326,7 +326,13 @@ fn spawn_control_loop(shard: Rc<Shard>, control: crossbeam_channel::Receiver<Con
     glommio::spawn_local(async move {
         loop {
             while let Ok(message) = control.try_recv() {
-                shard.apply_control(message);
+                // A bug in applying one control message must not end the loop that
+                // delivers drains and reloads to this core: log it, count it, go on.
+                let apply = std::panic::AssertUnwindSafe(|| shard.apply_control(message));
+                if std::panic::catch_unwind(apply).is_err() {
+                    log::error!("core {}: applying a control message panicked", shard.cpu);
+                    crate::metrics::inc("ferrule_internal_errors_total", r#"kind="panic""#);
+                }
             }
             glommio::timer::sleep(CONTROL_TICK).await;
         }
