@@ -18,6 +18,8 @@ use crate::shard::with_timeout;
 const READ_CHUNK: usize = 16 * 1024;
 /// First read buffer of a connection side: a typical request head fits.
 const FIRST_READ: usize = 2 * 1024;
+/// Bytes read into the task's own state while a side holds no buffer (see `fill`).
+const FIRST_INLINE: usize = 512;
 /// Queued output is written once it reaches this size (or at the end of a step).
 const FLUSH_AT: usize = 32 * 1024;
 /// Longest chunk-size line (with extensions) or trailer line accepted.
@@ -30,6 +32,9 @@ pub struct Buffered<S> {
     start: usize,
     end: usize,
     out: Vec<u8>,
+    /// Release the read buffer between messages and wait for the next one without it (a
+    /// client side, which may idle for minutes); an origin side keeps a small buffer.
+    release_idle: bool,
     /// Plaintext bytes read from and written to this side.
     pub read_total: u64,
     pub written_total: u64,
@@ -47,6 +52,7 @@ pub enum BodyError {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
+    /// An origin side.
     pub fn new(io: S) -> Self {
         Self {
             io,
@@ -54,8 +60,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
             start: 0,
             end: 0,
             out: Vec::new(),
+            release_idle: false,
             read_total: 0,
             written_total: 0,
+        }
+    }
+
+    /// A client side, which holds no read buffer while it waits for a request.
+    pub fn client(io: S) -> Self {
+        Self {
+            release_idle: true,
+            ..Self::new(io)
         }
     }
 
@@ -74,6 +89,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
 
     /// Reads more bytes after those buffered; `Ok(0)` at end of stream.
     pub async fn fill(&mut self) -> io::Result<usize> {
+        if self.release_idle && self.buf.capacity() == 0 {
+            // Idle keep-alive connections wait here, most of their lives. Waiting with a
+            // small inline buffer instead of a heap one means an idle connection holds no
+            // read buffer at all; the buffer is allocated once bytes have arrived. A longer
+            // head is read on by the next call, from what TLS has already decrypted.
+            let mut first = [0u8; FIRST_INLINE];
+            let n = self.io.read(&mut first).await?;
+            if n > 0 {
+                self.buf.resize(FIRST_READ, 0);
+                self.buf[..n].copy_from_slice(&first[..n]);
+                self.start = 0;
+                self.end = n;
+                self.read_total += n as u64;
+            }
+            return Ok(n);
+        }
         if self.start > 0 && self.end == self.buf.len() {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -125,15 +156,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
         Ok(())
     }
 
-    /// Releases buffers that grew for a large message, so an idle keep-alive connection
-    /// holds no more memory than a new one.
+    /// Releases the buffers between keep-alive requests: an idle client connection holds
+    /// none (the next `fill` waits with an inline buffer), and no side keeps a buffer that
+    /// grew for a large message.
     pub fn shrink(&mut self) {
-        if self.start == self.end && self.buf.capacity() > FIRST_READ {
+        if self.start == self.end && (self.release_idle || self.buf.capacity() > FIRST_READ) {
             self.buf = Vec::new();
             self.start = 0;
             self.end = 0;
         }
-        if self.out.is_empty() && self.out.capacity() > FLUSH_AT {
+        if self.out.is_empty() && self.out.capacity() > FIRST_READ {
             self.out = Vec::new();
         }
     }

@@ -78,7 +78,7 @@ pub async fn serve(
     peer: Option<SocketAddr>,
     config: &Config,
 ) {
-    let mut client = Buffered::new(accepted);
+    let mut client = Buffered::client(accepted);
     let mut served: u64 = 0;
     loop {
         let next = match next_request(shard, &mut client, peer, config, served).await {
