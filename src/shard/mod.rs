@@ -312,7 +312,9 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
         TcpListener::from_raw_fd(plan.listener_fd.into_raw_fd())
     };
     let _ = plan.started.send((plan.index, tid));
-    info!("core {}: serving on {}", plan.cpu, config.listen);
+    // The bound address, not the configured one: with port 0 the kernel picked the port.
+    let serving = listener.local_addr().unwrap_or(config.listen);
+    info!("core {}: serving on {serving}", plan.cpu);
 
     accept_loop(&shard, &listener).await;
     drop(listener);
