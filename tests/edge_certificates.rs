@@ -4,22 +4,19 @@
 //! Certificates are made with the `openssl` command line (also needed for the OCSP response),
 //! clients are `openssl s_client` and `curl`, origins are real sockets.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-// ---- fixtures ------------------------------------------------------------------------------
+use common::{free_port, wait_until, Ferrule, Launch, TempDir, TIMEOUT};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ferrule-edge-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+// ---- fixtures ------------------------------------------------------------------------------
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -105,65 +102,11 @@ fn make_leaf(dir: &Path, file: &str, names: &[&str], rsa: bool) {
     );
 }
 
-/// A running ferrule, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Ferrule {
-    child: Child,
-    port: u16,
-    admin: u16,
-}
-
-impl Drop for Ferrule {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "port {port} never opened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts ferrule with `config` (TOML; `listen`, `admin` and `cores` are added here).
-fn start(dir: &Path, config: &str) -> Ferrule {
-    let (port, admin) = (free_port(), free_port());
-    let text = format!(
-        "listen = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\ncores = 2\n{config}"
-    );
+/// Starts ferrule with `config` (TOML) on ports the kernel picks, with both cores.
+fn start(dir: &TempDir, config: &str) -> Ferrule {
     let path = dir.join("ferrule.toml");
-    std::fs::write(&path, text).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ferrule"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let ferrule = Ferrule { child, port, admin };
-    wait_for_port(port);
-    wait_for_port(admin);
-    ferrule
+    std::fs::write(&path, config).unwrap();
+    Launch::with_config_file(&path).start()
 }
 
 /// A plain HTTP origin answering 200 with a body naming the request's client-cert header.
@@ -235,27 +178,6 @@ fn served_subject(port: u16, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn metrics(admin: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", admin)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
-/// Sum of a metric family's samples whose line contains every one of `parts`.
-fn metric_sum(text: &str, name: &str, parts: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn curl(port: u16, dir: &Path, host: &str, extra: &[&str]) -> (bool, String) {
     let resolve = format!("{host}:{port}:127.0.0.1");
     let url = format!("https://{host}:{port}/");
@@ -296,7 +218,7 @@ fn two_names(dir: &Path, origin: SocketAddr) -> String {
 
 #[test]
 fn sni_picks_exact_wildcard_and_default_certificates() {
-    let dir = scratch("sni");
+    let dir = TempDir::new("edge-sni");
     let (origin, _) = origin();
     let ferrule = start(&dir, &two_names(&dir, origin));
 
@@ -307,19 +229,16 @@ fn sni_picks_exact_wildcard_and_default_certificates() {
     assert!(served_subject(ferrule.port, &["-servername", "other.test"]).contains("a.test"));
     assert!(served_subject(ferrule.port, &["-noservername"]).contains("a.test"));
 
-    let text = metrics(ferrule.admin);
-    assert!(
-        metric_sum(
-            &text,
-            "ferrule_handshakes_by_certificate_total",
-            &["*.b.test"]
-        ) >= 1.0
+    let by_cert = ferrule.metrics().sum(
+        "ferrule_handshakes_by_certificate_total",
+        &[("cert", "*.b.test")],
     );
+    assert!(by_cert >= 1.0);
 }
 
 #[test]
 fn strict_sni_refuses_unknown_names_with_unrecognized_name() {
-    let dir = scratch("strict");
+    let dir = TempDir::new("edge-strict");
     let (origin, _) = origin();
     let config = two_names(&dir, origin).replace("[tls]\n", "[tls]\nstrict_sni = true\n");
     let ferrule = start(&dir, &config);
@@ -327,14 +246,16 @@ fn strict_sni_refuses_unknown_names_with_unrecognized_name() {
     let refused = s_client(ferrule.port, &["-servername", "other.test"]);
     assert!(refused.contains("unrecognized name"), "{refused}");
     assert!(served_subject(ferrule.port, &["-servername", "a.test"]).contains("a.test"));
-    let text = metrics(ferrule.admin);
-    let failures = r#"reason="unrecognized_name""#;
-    assert!(metric_sum(&text, "ferrule_handshake_failures_total", &[failures]) >= 1.0);
+    let failures = ferrule.metrics().sum(
+        "ferrule_handshake_failures_total",
+        &[("reason", "unrecognized_name")],
+    );
+    assert!(failures >= 1.0);
 }
 
 #[test]
 fn signature_algorithms_choose_between_ecdsa_and_rsa_certificates() {
-    let dir = scratch("sigalgs");
+    let dir = TempDir::new("edge-sigalgs");
     let (origin, _) = origin();
     make_ca(&dir);
     make_leaf(&dir, "ec", &["both.test"], false);
@@ -428,7 +349,7 @@ fn ocsp_response(dir: &Path, leaf: &str, out: &str) {
 
 #[test]
 fn a_matching_ocsp_response_is_stapled_and_a_foreign_one_is_not() {
-    let dir = scratch("ocsp");
+    let dir = TempDir::new("edge-ocsp");
     let (origin, _) = origin();
     let config = two_names(&dir, origin);
     // a.ocsp sits beside a.pem and matches it; b gets a response made for a.
@@ -446,7 +367,8 @@ fn a_matching_ocsp_response_is_stapled_and_a_foreign_one_is_not() {
         foreign.contains("OCSP response: no response sent"),
         "{foreign}"
     );
-    let text = metrics(ferrule.admin);
+    let metrics = ferrule.metrics();
+    let text = &metrics.text;
     assert!(
         text.contains(r#"ferrule_ocsp_staple_age_seconds{cert="a.test"}"#),
         "{text}"
@@ -456,7 +378,7 @@ fn a_matching_ocsp_response_is_stapled_and_a_foreign_one_is_not() {
 
 #[test]
 fn reload_under_load_changes_the_certificate_without_failed_requests() {
-    let dir = scratch("reload");
+    let dir = TempDir::new("edge-reload");
     let (origin, _) = origin();
     let config = two_names(&dir, origin);
     let ferrule = start(&dir, &config);
@@ -467,7 +389,8 @@ fn reload_under_load_changes_the_certificate_without_failed_requests() {
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut workers = Vec::new();
     for _ in 0..3 {
-        let (stop, ok, failed, dir) = (stop.clone(), ok.clone(), failed.clone(), dir.clone());
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let dir = dir.to_path_buf();
         let port = ferrule.port;
         workers.push(std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -490,9 +413,7 @@ fn reload_under_load_changes_the_certificate_without_failed_requests() {
     std::fs::rename(dir.join("a2.pem"), dir.join("a.pem.new")).unwrap();
     std::fs::rename(dir.join("a.key.new"), dir.join("a.key")).unwrap();
     std::fs::rename(dir.join("a.pem.new"), dir.join("a.pem")).unwrap();
-    let _ = Command::new("kill")
-        .args(["-HUP", &ferrule.child.id().to_string()])
-        .status();
+    ferrule.signal(libc::SIGHUP);
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut renewed = false;
@@ -516,8 +437,10 @@ fn reload_under_load_changes_the_certificate_without_failed_requests() {
         0,
         "requests failed during the reload"
     );
-    let text = metrics(ferrule.admin);
-    assert!(metric_sum(&text, "ferrule_reloads_total", &[r#"result="ok""#]) >= 1.0);
+    let reloads = ferrule
+        .metrics()
+        .sum("ferrule_reloads_total", &[("result", "ok")]);
+    assert!(reloads >= 1.0);
 }
 
 /// True if the leaf certificate in `s_client -showcerts` output carries `name` in its SAN.
@@ -547,7 +470,7 @@ fn certificate_has_name(s_client_output: &str, name: &str) -> bool {
 
 #[test]
 fn a_broken_reload_keeps_the_old_certificate_in_service() {
-    let dir = scratch("badreload");
+    let dir = TempDir::new("edge-badreload");
     let (origin, _) = origin();
     let ferrule = start(&dir, &two_names(&dir, origin));
 
@@ -556,13 +479,12 @@ fn a_broken_reload_keeps_the_old_certificate_in_service() {
         "-----BEGIN CERTIFICATE-----\nhalf written",
     )
     .unwrap();
-    let _ = Command::new("kill")
-        .args(["-HUP", &ferrule.child.id().to_string()])
-        .status();
+    ferrule.signal(libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     let failed = loop {
-        let text = metrics(ferrule.admin);
-        let failed = metric_sum(&text, "ferrule_reloads_total", &[r#"result="failed""#]);
+        let failed = ferrule
+            .metrics()
+            .sum("ferrule_reloads_total", &[("result", "failed")]);
         if failed >= 1.0 || Instant::now() > deadline {
             break failed;
         }
@@ -576,7 +498,7 @@ fn a_broken_reload_keeps_the_old_certificate_in_service() {
 
 #[test]
 fn origin_connections_over_tls_resume_after_the_first() {
-    let dir = scratch("origintls");
+    let dir = TempDir::new("edge-origintls");
     make_ca(&dir);
     make_leaf(&dir, "front", &["front.test"], false);
     make_leaf(&dir, "origin", &["origin.test"], false);
@@ -595,12 +517,14 @@ fn origin_connections_over_tls_resume_after_the_first() {
             "origin.key",
         ])
         .args(["-www", "-quiet"])
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for_port(origin_port);
+    wait_until(TIMEOUT, "the TLS origin's port", || {
+        TcpStream::connect(("127.0.0.1", origin_port)).ok()
+    });
     let config = format!(
         "[tls]\ncert = \"{d}/front.pem\"\nkey = \"{d}/front.key\"\n\
          [[backend]]\naddress = \"{accept}\"\ntls = true\nsni = \"origin.test\"\n\
@@ -613,17 +537,11 @@ fn origin_connections_over_tls_resume_after_the_first() {
         let (ok, _) = curl(ferrule.port, &dir, "front.test", &[]);
         assert!(ok, "request through the TLS origin failed");
     }
-    let text = metrics(ferrule.admin);
-    let resumed = metric_sum(
-        &text,
-        "ferrule_upstream_tls_handshakes_total",
-        &[r#"kind="resumed""#],
-    );
-    let full = metric_sum(
-        &text,
-        "ferrule_upstream_tls_handshakes_total",
-        &[r#"kind="full""#],
-    );
+    let metrics = ferrule.metrics();
+    let text = &metrics.text;
+    let handshakes = "ferrule_upstream_tls_handshakes_total";
+    let resumed = metrics.sum(handshakes, &[("kind", "resumed")]);
+    let full = metrics.sum(handshakes, &[("kind", "full")]);
     let _ = s_server.kill();
     let _ = s_server.wait();
     // One full handshake per core at most; everything after resumes.
@@ -633,7 +551,7 @@ fn origin_connections_over_tls_resume_after_the_first() {
 
 #[test]
 fn client_certificates_are_required_and_their_subject_reaches_the_origin() {
-    let dir = scratch("mtls");
+    let dir = TempDir::new("edge-mtls");
     let (origin, seen) = origin();
     make_ca(&dir);
     make_leaf(&dir, "front", &["front.test"], false);
@@ -673,7 +591,7 @@ fn client_certificates_are_required_and_their_subject_reaches_the_origin() {
 
 #[test]
 fn ocsp_responses_are_fetched_from_the_responder_and_stapled() {
-    let dir = scratch("ocspfetch");
+    let dir = TempDir::new("edge-ocspfetch");
     let (origin, _) = origin();
     make_ca(&dir);
     let responder_port = free_port();
@@ -744,7 +662,7 @@ fn ocsp_responses_are_fetched_from_the_responder_and_stapled() {
             "ca.pem",
         ])
         .args(["-rkey", "ca.key", "-CA", "ca.pem", "-ndays", "1"])
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -94,6 +94,14 @@ impl TempDir {
     }
 }
 
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
@@ -231,22 +239,29 @@ impl Launch {
             .arg(backend.to_string())
     }
 
+    /// `serve` on 127.0.0.1:0 with both cores and an admin endpoint, everything else
+    /// (certificates, backends) from the configuration file at `path`.
+    pub fn with_config_file(path: &Path) -> Self {
+        Self::serve().config_file(path)
+    }
+
     /// Like [`new`](Self::new), for a configuration file that names the backends.
     pub fn without_backend(pki: &Pki) -> Self {
-        let args: Vec<OsString> = vec![
-            "serve".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--cores".into(),
-            "2".into(),
-            "--cert".into(),
-            pki.cert_pem.clone().into(),
-            "--key".into(),
-            pki.key_pem.clone().into(),
-            "--admin".into(),
-            "127.0.0.1:0".into(),
-        ];
-        Self { args }
+        Self::serve()
+            .arg("--cert")
+            .arg(&pki.cert_pem)
+            .arg("--key")
+            .arg(&pki.key_pem)
+    }
+
+    /// `serve` on 127.0.0.1:0 with both cores and an admin endpoint on a kernel-picked port.
+    fn serve() -> Self {
+        let args = ["serve", "--listen", "127.0.0.1:0", "--cores", "2"];
+        Self {
+            args: args.iter().map(OsString::from).collect(),
+        }
+        .arg("--admin")
+        .arg("127.0.0.1:0")
     }
 
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
