@@ -9,6 +9,7 @@ pub mod accept;
 pub mod certs;
 pub mod hello;
 pub mod ocsp;
+pub mod random;
 pub mod session;
 pub mod stream;
 pub mod tickets;
@@ -289,7 +290,7 @@ impl ServerContext {
         let make = |chacha_first: bool, early: bool| -> anyhow::Result<Arc<ServerConfig>> {
             let provider = CryptoProvider {
                 cipher_suites: cipher_order(chacha_first),
-                ..ring_provider::default_provider()
+                ..random::provider()
             };
             let provider = Arc::new(provider);
             let builder = ServerConfig::builder_with_provider(provider.clone())

@@ -147,7 +147,6 @@ pub fn write_key_file(path: &Path, keys: &[TicketKeyMaterial]) -> Result<(), Str
 pub struct Ticketer {
     keys: Vec<([u8; NAME_LEN], LessSafeKey)>,
     lifetime: u32,
-    rng: SystemRandom,
 }
 
 impl fmt::Debug for Ticketer {
@@ -164,7 +163,6 @@ impl Ticketer {
         Self {
             keys: keys.iter().map(|k| (k.name, k.sealing_key())).collect(),
             lifetime,
-            rng: SystemRandom::new(),
         }
     }
 }
@@ -181,7 +179,8 @@ impl rustls::server::ProducesTickets for Ticketer {
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         let (name, key) = self.keys.first()?;
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).ok()?;
+        // A random 96-bit nonce per ticket, from the shard's block of kernel randomness.
+        rustls::crypto::SecureRandom::fill(&super::random::BLOCK_RANDOM, &mut nonce).ok()?;
         let mut ticket = Vec::with_capacity(NAME_LEN + NONCE_LEN + plain.len() + TAG_LEN);
         ticket.extend_from_slice(name);
         ticket.extend_from_slice(&nonce);

@@ -40,7 +40,7 @@ pub fn client_config(tls: &OriginTls) -> anyhow::Result<(Arc<ClientConfig>, Serv
         }
     }
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::tls::random::provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
