@@ -1232,9 +1232,8 @@ pub(crate) struct Reactor {
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    latency_preemption_timeout_src: Cell<Option<Source>>,
-    // ferrule patch: when the armed latency-ring timeout fires, so it can be kept.
-    latency_preemption_deadline: Cell<Option<Instant>>,
+    // ferrule patch: with the instant it fires, so that it can be kept while early enough.
+    latency_preemption_timeout_src: Cell<Option<(Source, Instant)>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1366,7 +1365,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1922,20 +1920,17 @@ impl Reactor {
     /// (and so the ring needs a flush).
     fn arm_latency_timer(&self, lat_ring: &mut SleepableRing, dur: Duration) -> bool {
         let deadline = Instant::now() + dur;
-        if let Some(armed) = self.latency_preemption_timeout_src.take() {
-            let fires_in_time = self
-                .latency_preemption_deadline
-                .get()
-                .is_some_and(|at| at <= deadline);
-            if fires_in_time && !armed.is_done() {
-                self.latency_preemption_timeout_src.set(Some(armed));
-                return false;
+        match self.latency_preemption_timeout_src.take() {
+            Some((armed, at)) if at <= deadline && !armed.is_done() => {
+                self.latency_preemption_timeout_src.set(Some((armed, at)));
+                false
+            }
+            _ => {
+                let fresh = lat_ring.prepare_latency_preemption_timer(dur);
+                self.latency_preemption_timeout_src.set(Some((fresh, deadline)));
+                true
             }
         }
-        self.latency_preemption_timeout_src
-            .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-        self.latency_preemption_deadline.set(Some(deadline));
-        true
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
