@@ -265,6 +265,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
     let (fds, address) = crate::net::listeners(config.listen, cpus.len(), &cpus, &config.socket)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let mesh = MeshBuilder::full(cpus.len(), shard::MESH_CHANNEL_DEPTH);
+    let inboxes = shard::SessionInboxes::new(cpus.len());
     let (started_tx, started_rx) = crossbeam_channel::unbounded();
     let mut controls = Vec::new();
     let mut plans = Vec::new();
@@ -280,6 +281,7 @@ pub fn start(config: Config) -> anyhow::Result<Running> {
             listener_fd: fd,
             control: rx,
             mesh: mesh.clone(),
+            inboxes: inboxes.clone(),
             started: started_tx.clone(),
         });
     }

@@ -11,12 +11,14 @@
 //! connection pools and its metrics. Nothing on the data path is shared with another core.
 //!
 //! # What crosses cores
-//! Only messages ([`Message`]) over glommio's channel mesh: sessions travelling to their home
-//! core, session lookups and their replies, and metric snapshots. Control from the main
+//! Only messages. Sessions travel to their home core through its inbox, a lock-free queue
+//! that does not wake it ([`SessionInboxes`]). Session lookups and their replies, and metric
+//! snapshots, go over glommio's channel mesh ([`Message`]). Control from the main
 //! thread (drain, new ticket keys, reloads) arrives on a crossbeam channel per shard, which
 //! the shard checks on a short timer: control is rare and may wait a few milliseconds.
 
 mod drain;
+mod inbox;
 mod messages;
 mod timeout;
 
@@ -37,6 +39,7 @@ use crate::tls::session::SessionPartition;
 use crate::tls::ServerContext;
 use crate::upstream::Upstreams;
 pub use drain::DrainSignal;
+pub use inbox::SessionInboxes;
 pub use messages::{Control, Message, SessionMiss};
 pub use timeout::with_timeout;
 
@@ -57,6 +60,7 @@ pub struct ShardPlan {
     pub listener_fd: std::os::fd::OwnedFd,
     pub control: crossbeam_channel::Receiver<Control>,
     pub mesh: MeshBuilder<Message, glommio::channels::channel_mesh::Full>,
+    pub inboxes: SessionInboxes,
     /// Reports the shard's thread id, for per-thread CPU accounting.
     pub started: crossbeam_channel::Sender<(usize, i32)>,
 }
@@ -75,6 +79,7 @@ pub struct Shard {
     /// it only after draining has started.
     listener_fd: std::os::fd::RawFd,
     senders: Senders<Message>,
+    inboxes: SessionInboxes,
     pending: RefCell<HashMap<u64, LocalSender<Message>>>,
     next_request: Cell<u64>,
 }
@@ -89,17 +94,29 @@ pub fn current() -> Option<Rc<Shard>> {
 }
 
 impl Shard {
-    /// Sends a session to its home core `peer` without waiting; a full channel drops it.
+    /// Sends a session to its home core `peer` without waiting and without waking it.
     ///
-    /// Called from rustls callbacks, which cannot wait. A dropped session only costs that
-    /// client a full handshake next time, and the drop is counted. Sessions go at once rather
-    /// than in timed batches: a client may return within a millisecond, and a batch delayed
-    /// by a busy scheduler turned such returns into full handshakes.
+    /// Called from rustls callbacks, which cannot wait. The session goes into `peer`'s inbox,
+    /// which `peer` collects before any lookup (see [`inbox`]). A full inbox falls back to a
+    /// channel message; a full channel drops the session, which only costs that client a
+    /// full handshake next time, and the drop is counted.
     pub fn post_session(&self, peer: usize, key: Vec<u8>, value: Vec<u8>) {
-        let message = Message::SessionPut(vec![(key, value)]);
+        let Err(entry) = self.inboxes.post(peer, (key, value)) else {
+            return;
+        };
+        let message = Message::SessionPut(vec![entry]);
         if self.senders.try_send_to(peer, message).is_err() {
             crate::metrics::inc("ferrule_session_lookups_total", r#"result="dropped""#);
         }
+    }
+
+    /// Moves the sessions other cores left in this core's inbox into its partition. Every
+    /// lookup in the partition must come after this, or it could miss a session the client
+    /// already holds a ticket for.
+    pub fn collect_sessions(&self) {
+        let mut sessions = self.sessions.borrow_mut();
+        self.inboxes
+            .collect(self.index, |(key, value)| sessions.insert(key, value));
     }
 
     /// Sends a request built by `make` (given its id) to `peer` and waits for the reply.
@@ -156,6 +173,7 @@ impl Shard {
                 }
             }
             Message::SessionLookup { id, key, take } => {
+                self.collect_sessions();
                 let result = self.sessions.borrow_mut().lookup(&key, take);
                 let _ = self
                     .senders
@@ -171,6 +189,7 @@ impl Shard {
 
     /// Publishes gauges that are cheaper to read on demand than to maintain.
     pub fn refresh_gauges(&self) {
+        self.collect_sessions();
         let sessions = self.sessions.borrow();
         crate::metrics::set_gauge("ferrule_session_cache_entries", "", sessions.len() as i64);
         crate::metrics::set_gauge("ferrule_session_cache_bytes", "", sessions.bytes() as i64);
@@ -272,6 +291,7 @@ async fn run(plan: ShardPlan) -> anyhow::Result<()> {
         sessions: RefCell::new(sessions),
         drain: DrainSignal::default(),
         senders,
+        inboxes: plan.inboxes,
         pending: RefCell::new(HashMap::new()),
         next_request: Cell::new(0),
         listener_fd: std::os::fd::AsRawFd::as_raw_fd(&plan.listener_fd),
@@ -336,6 +356,9 @@ fn spawn_control_loop(shard: Rc<Shard>, control: crossbeam_channel::Receiver<Con
                     crate::metrics::inc("ferrule_internal_errors_total", r#"kind="panic""#);
                 }
             }
+            // Sessions for this core may sit in its inbox while no client asks for them;
+            // the tick bounds how long they stay out of the cache's bounds and gauges.
+            shard.collect_sessions();
             glommio::timer::sleep(CONTROL_TICK).await;
         }
     })
