@@ -10,12 +10,12 @@ use std::path::Path;
 /// The recommendations shipped in the repository.
 const SYSCTL_CONF: &str = include_str!("../tuning/sysctl.conf");
 
-/// How a live value is compared with the recommendation.
+/// How one whitespace-separated field of a live value is compared with the recommended one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compare {
-    /// Every whitespace-separated field must be equal.
-    Exact,
-    /// A single number that must be at least the recommended one.
+pub enum Rule {
+    /// The field must be equal.
+    Equal,
+    /// The field is a number that must be at least the recommended one.
     AtLeast,
 }
 
@@ -24,7 +24,8 @@ pub enum Compare {
 pub struct Recommendation {
     pub key: String,
     pub value: String,
-    pub compare: Compare,
+    /// One rule per field of `value`.
+    pub rules: Vec<Rule>,
     pub line: usize,
 }
 
@@ -53,23 +54,70 @@ pub fn parse_sysctl_conf(text: &str) -> (Vec<Recommendation>, Vec<String>) {
             errors.push(format!("sysctl.conf:{line}: expected `key = value`"));
             continue;
         }
-        // A trailing "# doctor: >=" note marks a minimum (bigger is fine, e.g. somaxconn).
-        let compare = match comment.trim().strip_prefix("doctor:").map(str::trim) {
-            Some(">=") => Compare::AtLeast,
-            _ => Compare::Exact,
+        // A trailing "# doctor:" note gives one rule per field: `=` or `>=` (bigger is fine,
+        // as for somaxconn or the ceiling of tcp_rmem). Without a note every field is `=`.
+        let fields: Vec<&str> = value.split(' ').collect();
+        let rules = match comment.trim().strip_prefix("doctor:") {
+            None => Ok(vec![Rule::Equal; fields.len()]),
+            Some(note) => parse_rules(note, &fields),
         };
-        if compare == Compare::AtLeast && value.parse::<u64>().is_err() {
-            errors.push(format!("sysctl.conf:{line}: `>=` needs a single number"));
-            continue;
-        }
+        let rules = match rules {
+            Ok(rules) => rules,
+            Err(e) => {
+                errors.push(format!("sysctl.conf:{line}: {e}"));
+                continue;
+            }
+        };
         out.push(Recommendation {
             key: key.to_string(),
             value,
-            compare,
+            rules,
             line,
         });
     }
     (out, errors)
+}
+
+/// Reads the rules of a `# doctor:` note, one per field of the recommended value.
+fn parse_rules(note: &str, fields: &[&str]) -> Result<Vec<Rule>, String> {
+    let rules = note
+        .split_whitespace()
+        .map(|word| match word {
+            "=" => Ok(Rule::Equal),
+            ">=" => Ok(Rule::AtLeast),
+            other => Err(format!(
+                "unknown doctor rule `{other}` (expected `=` or `>=`)"
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if rules.len() != fields.len() {
+        return Err(format!(
+            "the doctor note has {} rule(s) for {} field(s)",
+            rules.len(),
+            fields.len()
+        ));
+    }
+    for (rule, field) in rules.iter().zip(fields) {
+        if *rule == Rule::AtLeast && field.parse::<u64>().is_err() {
+            return Err(format!("`>=` needs a number, not `{field}`"));
+        }
+    }
+    Ok(rules)
+}
+
+impl Recommendation {
+    /// The recommendation as the report prints it: `4096 87380 >= 16777216`.
+    pub fn wanted(&self) -> String {
+        self.rules
+            .iter()
+            .zip(self.value.split(' '))
+            .map(|(rule, field)| match rule {
+                Rule::Equal => field.to_string(),
+                Rule::AtLeast => format!(">= {field}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// Outcome of comparing one live value with its recommendation.
@@ -85,14 +133,19 @@ pub fn compare(rec: &Recommendation, live: Option<&str>) -> Finding {
     let Some(live) = live else {
         return Finding::Missing;
     };
-    let live = live.split_whitespace().collect::<Vec<_>>().join(" ");
-    let ok = match rec.compare {
-        Compare::Exact => live == rec.value,
-        Compare::AtLeast => match (live.parse::<u64>(), rec.value.parse::<u64>()) {
-            (Ok(have), Ok(want)) => have >= want,
-            _ => false,
-        },
-    };
+    let fields: Vec<&str> = live.split_whitespace().collect();
+    let wanted: Vec<&str> = rec.value.split(' ').collect();
+    let ok = fields.len() == wanted.len()
+        && rec.rules.iter().zip(fields.iter().zip(&wanted)).all(
+            |(rule, (have, want))| match rule {
+                Rule::Equal => have == want,
+                Rule::AtLeast => match (have.parse::<u64>(), want.parse::<u64>()) {
+                    (Ok(have), Ok(want)) => have >= want,
+                    _ => false,
+                },
+            },
+        );
+    let live = fields.join(" ");
     if ok {
         Finding::Ok
     } else {
@@ -127,10 +180,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     for rec in &recs {
         let live = proc_path(&rec.key).and_then(read_trimmed);
-        let want = match rec.compare {
-            Compare::Exact => rec.value.clone(),
-            Compare::AtLeast => format!(">= {}", rec.value),
-        };
+        let want = rec.wanted();
         match compare(rec, live.as_deref()) {
             Finding::Ok => println!("  ok   {} = {}", rec.key, live.unwrap_or_default()),
             Finding::Differs { live } => {
@@ -302,7 +352,9 @@ mod tests {
             .iter()
             .any(|r| r.key == "net.ipv4.tcp_fastopen" && r.value == "3"));
         let somaxconn = recs.iter().find(|r| r.key == "net.core.somaxconn").unwrap();
-        assert_eq!(somaxconn.compare, Compare::AtLeast);
+        assert_eq!(somaxconn.rules, [Rule::AtLeast]);
+        let rmem = recs.iter().find(|r| r.key == "net.ipv4.tcp_rmem").unwrap();
+        assert_eq!(rmem.rules, [Rule::Equal, Rule::Equal, Rule::AtLeast]);
     }
 
     #[test]
@@ -312,33 +364,37 @@ mod tests {
         assert!(errors.is_empty());
         assert_eq!(recs.len(), 3);
         assert_eq!(recs[0].key, "a.b");
-        assert_eq!(recs[0].compare, Compare::Exact);
+        assert_eq!(recs[0].rules, [Rule::Equal]);
         assert_eq!(recs[1].value, "4096 87380 16777216");
-        assert_eq!(recs[2].compare, Compare::AtLeast);
+        assert_eq!(recs[1].rules, [Rule::Equal; 3]);
+        assert_eq!(recs[2].rules, [Rule::AtLeast]);
         assert_eq!(recs[2].line, 5);
     }
 
     #[test]
     fn bad_lines_are_errors_not_panics() {
-        let text = "no equals sign\n= 3\nkey =\na b = 1\nx = y # doctor: >=\nok = 1\n";
+        let text = "no equals sign\n= 3\nkey =\na b = 1\nx = y # doctor: >=\nok = 1\n\
+                    t = 1 2 # doctor: >=\nu = 1 # doctor: <=\n";
         let (recs, errors) = parse_sysctl_conf(text);
-        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert_eq!(errors.len(), 7, "{errors:?}");
+        assert!(errors[5].contains("1 rule(s) for 2 field(s)"), "{errors:?}");
+        assert!(errors[6].contains("unknown doctor rule `<=`"), "{errors:?}");
         assert_eq!(recs.len(), 1);
         assert!(errors[0].starts_with("sysctl.conf:1:"));
     }
 
-    fn rec(value: &str, compare: Compare) -> Recommendation {
+    fn rec(value: &str, rules: &[Rule]) -> Recommendation {
         Recommendation {
             key: "k".into(),
             value: value.into(),
-            compare,
+            rules: rules.to_vec(),
             line: 1,
         }
     }
 
     #[test]
     fn exact_comparison_ignores_whitespace_differences() {
-        let r = rec("4096 87380 16777216", Compare::Exact);
+        let r = rec("4096 87380 16777216", &[Rule::Equal; 3]);
         assert_eq!(compare(&r, Some("4096\t87380\t16777216\n")), Finding::Ok);
         assert_eq!(
             compare(&r, Some("4096 131072 6291456")),
@@ -351,11 +407,35 @@ mod tests {
 
     #[test]
     fn minimum_comparison_accepts_bigger_values() {
-        let r = rec("4096", Compare::AtLeast);
+        let r = rec("4096", &[Rule::AtLeast]);
         assert_eq!(compare(&r, Some("65535")), Finding::Ok);
         assert_eq!(compare(&r, Some("4096")), Finding::Ok);
         assert!(matches!(compare(&r, Some("128")), Finding::Differs { .. }));
         assert!(matches!(compare(&r, Some("junk")), Finding::Differs { .. }));
+    }
+
+    #[test]
+    fn per_field_rules_accept_a_bigger_ceiling_but_not_a_bigger_default() {
+        let r = rec(
+            "4096 87380 16777216",
+            &[Rule::Equal, Rule::Equal, Rule::AtLeast],
+        );
+        assert_eq!(r.wanted(), "4096 87380 >= 16777216");
+        assert_eq!(compare(&r, Some("4096\t87380\t33554432")), Finding::Ok);
+        assert_eq!(
+            compare(&r, Some("4096 131072 33554432")),
+            Finding::Differs {
+                live: "4096 131072 33554432".into()
+            }
+        );
+        assert!(matches!(
+            compare(&r, Some("4096 87380 4194304")),
+            Finding::Differs { .. }
+        ));
+        assert!(matches!(
+            compare(&r, Some("4096 87380")),
+            Finding::Differs { .. }
+        ));
     }
 
     #[test]
