@@ -224,11 +224,6 @@ impl Source {
         })
     }
 
-    /// ferrule patch: the kernel has completed this source (its result is in).
-    pub(crate) fn is_done(&self) -> bool {
-        self.inner.borrow().wakers.result.is_some()
-    }
-
     pub(crate) fn result(&self) -> Option<io::Result<usize>> {
         let mut inner = self.inner.borrow_mut();
         let ret = inner

@@ -1232,8 +1232,7 @@ pub(crate) struct Reactor {
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    // ferrule patch: with the instant it fires, so that it can be kept while early enough.
-    latency_preemption_timeout_src: Cell<Option<(Source, Instant)>>,
+    latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1826,19 +1825,22 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // ferrule patch: the latency-ring timeout is no longer cancelled here on every call
-        // and armed again below; `arm_latency_timer` keeps it while it fires early enough.
-        // The throughput timeout, which counts completions rather than time, stays armed
-        // until it fires. Re-arming both on every call cost three SQEs and two
-        // cancellations per executor loop: 7% of a shard's CPU under handshake load.
-        let throughput = match self.throughput_preemption_timeout_src.take() {
-            Some(armed) if !armed.is_done() => armed,
-            _ => main_ring.prepare_throughput_preemption_timer(
+        // Cancel the old timer regardless of whether we can sleep:
+        // if we won't sleep, we will register the new timer with its new
+        // value.
+        //
+        // But if we will sleep, there might be a timer registered that needs
+        // to be removed otherwise we'll wake up when it expires.
+        drop(self.latency_preemption_timeout_src.take());
+
+        // Schedule the throughput-based timeout immediately: it won't matter if we end
+        // up sleeping.
+        self.throughput_preemption_timeout_src.replace(Some(
+            main_ring.prepare_throughput_preemption_timer(
                 self.ring_depth() as u32,
                 self.eventfd_src.raw(),
             ),
-        };
-        self.throughput_preemption_timeout_src.set(Some(throughput));
+        ));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1859,15 +1861,10 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            match user_timer {
-                Some(dur) => {
-                    if self.arm_latency_timer(&mut lat_ring, dur) {
-                        assert!(flush_rings!(lat_ring)? > 0);
-                    }
-                }
-                // Nothing to wake up for: a preemption timeout left armed would only
-                // interrupt the sleep.
-                None => drop(self.latency_preemption_timeout_src.take()),
+            if let Some(dur) = user_timer {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1897,9 +1894,9 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            if self.arm_latency_timer(&mut lat_ring, preempt) {
-                flush_rings!(lat_ring, main_ring)?;
-            }
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            flush_rings!(lat_ring, main_ring)?;
         }
 
         // A Note about `need_preempt`:
@@ -1910,27 +1907,6 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
-    }
-
-    /// ferrule patch: makes sure the latency ring has a timeout that fires within `dur`.
-    ///
-    /// An armed timeout that has not fired and fires no later than the new deadline is kept:
-    /// firing early only costs a spurious preemption or wake-up, which the executor treats
-    /// as a chance to poll and then carries on. Returns whether a new timeout was queued
-    /// (and so the ring needs a flush).
-    fn arm_latency_timer(&self, lat_ring: &mut SleepableRing, dur: Duration) -> bool {
-        let deadline = Instant::now() + dur;
-        match self.latency_preemption_timeout_src.take() {
-            Some((armed, at)) if at <= deadline && !armed.is_done() => {
-                self.latency_preemption_timeout_src.set(Some((armed, at)));
-                false
-            }
-            _ => {
-                let fresh = lat_ring.prepare_latency_preemption_timer(dur);
-                self.latency_preemption_timeout_src.set(Some((fresh, deadline)));
-                true
-            }
-        }
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
