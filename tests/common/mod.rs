@@ -314,9 +314,11 @@ pub struct Ferrule {
 
 impl Ferrule {
     fn spawn(args: Vec<OsString>) -> Self {
+        // FERRULE_TEST_LOG (e.g. `debug`) raises ferrule's log level for a failing test.
+        let level = std::env::var("FERRULE_TEST_LOG").unwrap_or_else(|_| "info".into());
         let mut child = Command::new(ferrule_bin())
             .args(&args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -471,10 +473,44 @@ impl Ferrule {
 
 impl Drop for Ferrule {
     fn drop(&mut self) {
+        // A failing test shows ferrule's state and log, often the only clue to a race.
+        if std::thread::panicking() {
+            if let Some(m) = self.admin.and_then(|_| self.try_metrics().ok()) {
+                eprintln!("--- ferrule metrics (port {}) ---", self.port);
+                for line in m.text.lines().filter(|l| !l.starts_with('#')) {
+                    if line.starts_with("ferrule_connections")
+                        || line.starts_with("ferrule_handshake")
+                        || line.starts_with("ferrule_requests_total")
+                        || line.starts_with("ferrule_internal")
+                    {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+            if let Ok(ss) = Command::new("ss")
+                .args([
+                    "-tnie",
+                    "state",
+                    "all",
+                    &format!("( sport = :{0} or dport = :{0} )", self.port),
+                ])
+                .output()
+            {
+                eprintln!("--- ss ---\n{}", String::from_utf8_lossy(&ss.stdout));
+            }
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            if let Ok(log) = self.log.lock() {
+                eprintln!("--- ferrule log (port {}) ---", self.port);
+                for line in log.iter() {
+                    eprintln!("{line}");
+                }
+            }
+        }
     }
 }
 
