@@ -110,13 +110,22 @@ impl Shard {
         }
     }
 
-    /// Moves the sessions other cores left in this core's inbox into its partition. Every
-    /// lookup in the partition must come after this, or it could miss a session the client
-    /// already holds a ticket for.
-    pub fn collect_sessions(&self) {
+    /// Moves the sessions other cores left in this core's inbox into its partition.
+    fn collect_sessions(&self) {
         let mut sessions = self.sessions.borrow_mut();
         self.inboxes
             .collect(self.index, |(key, value)| sessions.insert(key, value));
+    }
+
+    /// Looks a session up in this core's partition (`take` removes it), after collecting the
+    /// inbox: a session the client already holds a ticket for may still be waiting there.
+    pub fn lookup_session(
+        &self,
+        key: &[u8],
+        take: bool,
+    ) -> Result<(Vec<u8>, Duration), SessionMiss> {
+        self.collect_sessions();
+        self.sessions.borrow_mut().lookup(key, take)
     }
 
     /// Sends a request built by `make` (given its id) to `peer` and waits for the reply.
@@ -173,8 +182,7 @@ impl Shard {
                 }
             }
             Message::SessionLookup { id, key, take } => {
-                self.collect_sessions();
-                let result = self.sessions.borrow_mut().lookup(&key, take);
+                let result = self.lookup_session(&key, take);
                 let _ = self
                     .senders
                     .send_to(from, Message::SessionReply { id, result })

@@ -338,8 +338,7 @@ async fn lookup_once(
     let home = super::session::home_core(key, shard.shards);
     if home == shard.index {
         metrics::inc("ferrule_session_lookups_total", r#"where="local""#);
-        shard.collect_sessions();
-        return shard.sessions.borrow_mut().lookup(key, take);
+        return shard.lookup_session(key, take);
     }
     metrics::inc("ferrule_session_lookups_total", r#"where="remote""#);
     let asked = Instant::now();
