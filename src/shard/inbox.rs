@@ -3,7 +3,7 @@
 //! A full TLS 1.3 handshake issues two tickets by default, and with N cores the home of
 //! each is another core N-1 times in N. Sent as channel messages, each of them woke a
 //! sleeping home core through its eventfd. On the 2-core bench machine that was 0.7 eventfd
-//! writes, one `io_uring_enter` and 0.4 context switches per full handshake, and 2-10% of
+//! writes, one `io_uring_enter` and 0.4 context switches per full handshake, and 1.5-10% of
 //! its CPU in alternating runs.
 //!
 //! A session is not needed until a client presents it, so it waits in its home core's inbox
