@@ -452,3 +452,54 @@ async fn serve_connection(shard: &Rc<Shard>, stream: TcpStream) {
     shard.drain.connection_finished();
     crate::metrics::connection_closed();
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::time::{Duration, Instant};
+
+    use glommio::{LocalExecutorBuilder, Placement};
+
+    /// ferrule's glommio ends a task queue's time slice by reading the clock instead of
+    /// arming a timeout in the latency ring on every pass (vendor/glommio/FERRULE.md). A
+    /// task that computes and calls `yield_if_needed` must still give the CPU to the other
+    /// tasks of its queue about once per slice.
+    #[test]
+    fn a_computing_task_yields_once_per_time_slice() {
+        const SLICE: Duration = Duration::from_millis(10);
+        const COMPUTE: Duration = Duration::from_millis(400);
+
+        let executor = LocalExecutorBuilder::new(Placement::Unbound)
+            .preempt_timer(SLICE)
+            .make()
+            .unwrap();
+
+        executor.run(async {
+            let done = Rc::new(Cell::new(false));
+            let turns = Rc::new(Cell::new(0u32));
+            let (stop, count) = (done.clone(), turns.clone());
+            let other = glommio::spawn_local(async move {
+                while !stop.get() {
+                    count.set(count.get() + 1);
+                    glommio::executor().yield_now().await;
+                }
+            });
+
+            let started = Instant::now();
+            while started.elapsed() < COMPUTE {
+                glommio::yield_if_needed().await;
+            }
+            done.set(true);
+            other.await;
+
+            // 40 slices fit in the computation; a shared, noisy machine may stretch a few.
+            // Without time slices the other task gets the CPU once or twice.
+            assert!(
+                turns.get() >= 10,
+                "the other task ran {} times",
+                turns.get()
+            );
+        });
+    }
+}

@@ -206,7 +206,11 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
+        // ferrule patch: the time slice is checked by clock (see `preempt_deadline_passed`);
+        // the latency ring still signals latency I/O, timers and foreign wake-ups.
+        let latency_ring_has_events =
+            unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) };
+        latency_ring_has_events || self.sys.preempt_deadline_passed()
     }
 
     pub(crate) fn id(&self) -> usize {
