@@ -502,4 +502,32 @@ mod tests {
             );
         });
     }
+
+    /// ferrule's glommio hands a sleeping executor's next timer to the wait itself as its
+    /// timeout (vendor/glommio/FERRULE.md). With nothing else to wake it, the executor must
+    /// still wake up for the timer.
+    #[test]
+    fn an_executor_with_nothing_else_to_do_wakes_up_for_its_timer() {
+        const NAP: Duration = Duration::from_millis(50);
+
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let executor = LocalExecutorBuilder::new(Placement::Unbound)
+                .make()
+                .unwrap();
+            let slept = executor.run(async {
+                let started = Instant::now();
+                glommio::timer::sleep(NAP).await;
+                started.elapsed()
+            });
+            let _ = done.send(slept);
+        });
+
+        // A thread that sleeps through its timer is left behind; the process ends with the
+        // test run.
+        let slept = finished
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the executor slept through its timer");
+        assert!(slept >= NAP);
+    }
 }

@@ -3,6 +3,7 @@ use std::{
     marker::PhantomData,
     mem::MaybeUninit,
     ptr::{self, NonNull},
+    time::Duration,
 };
 
 use super::{resultify, CQEs, CQEsBlocking, IoUring, CQE};
@@ -58,6 +59,32 @@ impl<'ring> CompletionQueue<'ring> {
     /// These CQEs can be processed using `peek_for_cqe` or the `cqes` iterator.
     pub fn wait(&mut self, count: u32) -> io::Result<()> {
         self.wait_inner(count).map(|_| ())
+    }
+
+    /// ferrule patch: like [`wait`](Self::wait), but returns `ETIME` once `timeout` has
+    /// passed without `count` CQEs.
+    ///
+    /// Only for rings whose kernel reports `IORING_FEAT_EXT_ARG` (Linux 5.11): there the
+    /// timeout is an argument of `io_uring_enter`. On older kernels liburing would queue a
+    /// timeout SQE of its own, whose completion glommio does not expect.
+    pub fn wait_with_timeout(&mut self, count: u32, timeout: Duration) -> io::Result<()> {
+        let ts = uring_sys::__kernel_timespec {
+            tv_sec: timeout.as_secs() as _,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        // SAFETY: `self.ring` points to the live ring this queue borrows; `ts` outlives the
+        // call, which only reads it; a null sigmask means the signal mask is left alone.
+        unsafe {
+            let mut cqe = MaybeUninit::uninit();
+            resultify(uring_sys::io_uring_wait_cqes(
+                self.ring.as_ptr(),
+                cqe.as_mut_ptr(),
+                count as _,
+                &ts,
+                ptr::null(),
+            ))
+            .map(|_| ())
+        }
     }
 
     #[inline(always)]

@@ -1012,7 +1012,14 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    /// ferrule patch: whether `sleep` can be given a timeout without an SQE for it.
+    fn waits_with_timeout(&self) -> bool {
+        self.ring.raw().features & uring_sys::IORING_FEAT_EXT_ARG != 0
+    }
+
+    /// Sleeps until a CQE arrives on this ring or on the linked one, or until `timeout`
+    /// (ferrule patch: only when `waits_with_timeout`).
+    fn sleep(&mut self, link: &Source, timeout: Option<Duration>) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
@@ -1055,11 +1062,13 @@ impl SleepableRing {
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
                 // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
+                let mut cq = self.ring.cq();
+                match timeout {
+                    Some(timeout) => cq.wait_with_timeout(1, timeout).or_else(Reactor::time_ok),
+                    None => cq.wait(1),
+                }
+                .map(|_| 1)
+                .or_else(Reactor::busy_ok)
                     .or_else(Reactor::again_ok)
                     .or_else(Reactor::intr_ok)
             }
@@ -1664,6 +1673,15 @@ impl Reactor {
         }
     }
 
+    /// ferrule patch: a wait with a timeout returns `ETIME` when the timeout passed
+    /// first; the executor then runs the timer it slept for.
+    fn time_ok<T: Default>(x: std::io::Error) -> io::Result<T> {
+        match x.raw_os_error() {
+            Some(libc::ETIME) => Ok(Default::default()),
+            _ => Err(x),
+        }
+    }
+
     /// io_uring can return `EAGAIN` when the CQE queue is full, and we try to
     /// push more requests. This is fine: we just need to make sure that we
     /// don't sleep and that we don't failed rushed polls. So we just ignore
@@ -1695,7 +1713,11 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
-    fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+    fn link_rings_and_sleep(
+        &self,
+        ring: &mut SleepableRing,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1703,7 +1725,9 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        ring.sleep(&link_rings, timeout)
+            .or_else(Self::busy_ok)
+            .map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1811,10 +1835,20 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
+            //
+            // ferrule patch: where the kernel takes a timeout with the wait itself, the
+            // main ring's wait gets the user timer. Arming it in the latency ring instead
+            // cost a submission and an enter there, and as many again to cancel it after
+            // every wake-up that came before the timer.
+            let mut wait_timeout = None;
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+                if main_ring.waits_with_timeout() {
+                    wait_timeout = Some(dur);
+                } else {
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1831,7 +1865,7 @@ impl Reactor {
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
-                    self.link_rings_and_sleep(&mut main_ring)
+                    self.link_rings_and_sleep(&mut main_ring, wait_timeout)
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
