@@ -530,4 +530,51 @@ mod tests {
             .expect("the executor slept through its timer");
         assert!(slept >= NAP);
     }
+
+    /// Polls this process has armed in io_uring and not seen complete, from the kernel's
+    /// own listing (`/proc/self/fdinfo` of every io_uring descriptor).
+    fn armed_io_uring_polls() -> usize {
+        const IORING_OP_POLL_ADD: &str = "op=6,";
+
+        let mut polls = 0;
+        for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let is_ring = std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy() == "anon_inode:[io_uring]");
+            if !is_ring {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/self/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            polls += info
+                .lines()
+                .filter(|line| line.trim_start().starts_with(IORING_OP_POLL_ADD))
+                .count();
+        }
+        polls
+    }
+
+    /// Each time an executor sleeps, glommio polls its latency ring from its main ring so
+    /// that either can wake it. ferrule's glommio keeps that poll until it fires
+    /// (vendor/glommio/FERRULE.md); one per sleep would pile up in the kernel while the
+    /// latency ring has nothing to complete.
+    #[test]
+    fn sleeping_again_and_again_leaves_no_polls_behind_in_the_kernel() {
+        const NAPS: usize = 300;
+
+        let executor = LocalExecutorBuilder::new(Placement::Unbound)
+            .make()
+            .unwrap();
+        let armed = executor.run(async {
+            for _ in 0..NAPS {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            armed_io_uring_polls()
+        });
+
+        // The test harness runs other executors beside this one; each holds a few polls.
+        assert!(armed < NAPS / 3, "{armed} polls armed after {NAPS} sleeps");
+    }
 }

@@ -1019,12 +1019,23 @@ impl SleepableRing {
 
     /// Sleeps until a CQE arrives on this ring or on the linked one, or until `timeout`
     /// (ferrule patch: only when `waits_with_timeout`).
-    fn sleep(&mut self, link: &Source, timeout: Option<Duration>) -> io::Result<usize> {
+    ///
+    /// ferrule patch: `link_armed` says that `link`'s poll from an earlier sleep has not
+    /// completed, so the rings are still linked and no new poll is needed.
+    fn sleep(
+        &mut self,
+        link: &Source,
+        link_armed: bool,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
             "sleeping with pending SQEs"
         );
+        if link_armed {
+            return self.wait_for_wake_up(timeout);
+        }
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1062,15 +1073,7 @@ impl SleepableRing {
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
                 // The rings are linked. Goodnight!
-                let mut cq = self.ring.cq();
-                match timeout {
-                    Some(timeout) => cq.wait_with_timeout(1, timeout).or_else(Reactor::time_ok),
-                    None => cq.wait(1),
-                }
-                .map(|_| 1)
-                .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                self.wait_for_wake_up(timeout)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1081,6 +1084,18 @@ impl SleepableRing {
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)
         }
+    }
+
+    fn wait_for_wake_up(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
+        let mut cq = self.ring.cq();
+        match timeout {
+            Some(timeout) => cq.wait_with_timeout(1, timeout).or_else(Reactor::time_ok),
+            None => cq.wait(1),
+        }
+        .map(|_| 1)
+        .or_else(Reactor::busy_ok)
+        .or_else(Reactor::again_ok)
+        .or_else(Reactor::intr_ok)
     }
 }
 
@@ -1202,6 +1217,8 @@ pub(crate) struct Reactor {
     // ferrule patch: when the running task queue is due to be preempted, checked by
     // `preempt_deadline_passed` instead of a timeout armed in the latency ring.
     preempt_deadline: Cell<Option<Instant>>,
+    // ferrule patch: the poll linking the rings, kept while it has not fired.
+    link_rings_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
 
@@ -1333,6 +1350,7 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             preempt_deadline: Cell::new(None),
+            link_rings_src: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1718,16 +1736,29 @@ impl Reactor {
         ring: &mut SleepableRing,
         timeout: Option<Duration>,
     ) -> io::Result<()> {
-        let link_rings = Source::new(
-            IoRequirements::default(),
-            self.link_fd,
-            SourceType::LinkRings,
-            None,
-            None,
-        );
-        ring.sleep(&link_rings, timeout)
-            .or_else(Self::busy_ok)
-            .map(|_| {})
+        // ferrule patch: the poll that links the rings is kept until it fires, which it does
+        // at the latency ring's next completion. glommio queued a new one for every sleep
+        // and cancelled none, counting on its timeouts to complete something in the latency
+        // ring soon. Without those timeouts (see FERRULE.md) they piled up in the kernel,
+        // hundreds after a few seconds of load, until a wake-up came from another core.
+        let (link_rings, armed) = match self.link_rings_src.take() {
+            Some(link) if link.is_in_flight() => (link, true),
+            _ => (
+                Source::new(
+                    IoRequirements::default(),
+                    self.link_fd,
+                    SourceType::LinkRings,
+                    None,
+                    None,
+                ),
+                false,
+            ),
+        };
+        let slept = ring.sleep(&link_rings, armed, timeout);
+        if slept.is_ok() {
+            self.link_rings_src.set(Some(link_rings));
+        }
+        slept.or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
