@@ -1782,6 +1782,11 @@ impl Reactor {
     /// roles we keep them separate instead of overloading the same
     /// parameter.
     ///
+    /// ferrule patch: what follows is glommio's description. Here the preempt timer is
+    /// a deadline compared with the clock (`preempt_deadline_passed`), not a timeout in
+    /// the latency ring, and on kernels with `IORING_FEAT_EXT_ARG` the user timer is the
+    /// timeout of the sleeping wait, not a timeout in the latency ring either.
+    ///
     /// * The first is the preempt timer. It is designed to take the current
     ///   task queue out of the cpu. If nothing else fires in the latency ring
     ///   the preempt timer will, making need_preempt return true. Currently, we
@@ -1919,10 +1924,9 @@ impl Reactor {
         // A Note about `need_preempt`:
         //
         // If in the last call to consume_rings! some events completed, the tail and
-        // head would have moved to match. So it does not matter that events were
-        // generated after we registered the timer: since we consumed them here,
-        // need_preempt() should be false at this point. As soon as the next event
-        // in the preempt ring completes, though, then it will be true.
+        // head of the latency ring would have moved to match, so need_preempt() is false
+        // at this point until the next event in that ring completes or the deadline just
+        // stored passes.
         Ok(should_sleep)
     }
 
