@@ -165,6 +165,13 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let signals = match server::control_signals() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("ferrule: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let running = match server::start(config) {
         Ok(running) => running,
         Err(e) => {
@@ -172,7 +179,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    report(running.run_until_signalled(args.config, overrides))
+    report(running.run_until_signalled(signals, args.config, overrides))
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {

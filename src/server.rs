@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use glommio::channels::channel_mesh::MeshBuilder;
 use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::config::{Config, Overrides, Resumption};
 use crate::shard::{self, Control, ShardPlan};
@@ -252,6 +253,14 @@ fn modified(path: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
+/// Catches SIGTERM, SIGINT and SIGHUP from now on, for [`Running::run_until_signalled`].
+///
+/// Call it before [`start`]: once ferrule listens, a supervisor may reload or stop it at
+/// any moment, and until the handlers exist those signals kill the process instead.
+pub fn control_signals() -> anyhow::Result<Signals> {
+    Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")
+}
+
 /// Loads TLS material and starts one shard per configured CPU.
 pub fn start(config: Config) -> anyhow::Result<Running> {
     let config = Arc::new(config);
@@ -369,13 +378,14 @@ impl Running {
         Ok(())
     }
 
-    /// Runs the control plane until SIGTERM or SIGINT, then drains.
+    /// Runs the control plane until SIGTERM or SIGINT, then drains. `signals` comes from
+    /// [`control_signals`], called before the shards started.
     pub fn run_until_signalled(
         mut self,
+        mut signals: Signals,
         config_path: Option<PathBuf>,
         overrides: Overrides,
     ) -> anyhow::Result<()> {
-        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         let mut watch = Watch::new(&self.config, config_path.as_deref());
         let mut ocsp = self
             .config

@@ -93,6 +93,39 @@ fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
 }
 
 #[test]
+fn sigterm_during_start_up_drains_instead_of_killing() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+
+    // A supervisor may stop or reload ferrule the moment it starts. The signal is sent at
+    // ferrule's first log line, while the certificates load and before the shards exist.
+    let backend = Backend::start(|_, conn| {
+        respond(conn.get_mut(), 200, &[], b"ok")?;
+        Ok(After::KeepAlive)
+    });
+    let pki = Pki::new();
+    let mut child = std::process::Command::new(ferrule_bin())
+        .args(Launch::new(&pki, backend.addr).command_line())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ferrule");
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first = lines.next().expect("a log line").unwrap();
+    // SAFETY: kill(2) with the pid of our own child and a valid signal number.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    let log = format!("{first}\n{}", rest.join("\n"));
+    assert_eq!(status.signal(), None, "killed by the signal:\n{log}");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("draining"), "{log}");
+}
+
+#[test]
 fn tcp_mode_copies_bytes_both_ways() {
     // A non-HTTP origin: greets first, then answers every byte transformed, and records
     // everything it received.
