@@ -1,8 +1,10 @@
-//! Listening sockets and per-connection socket options.
+//! Listening sockets, per-connection socket options, and sends of several buffers at once.
 //!
 //! Listeners are created by the main thread, one per shard, all bound to the same address
 //! with SO_REUSEPORT, so that a bad address is reported before any shard starts and every
 //! shard gets the same port even when the configured port is 0.
+
+pub mod send;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -9,8 +9,9 @@
 //! The same type serves both sides (`rustls::ServerConnection` towards clients,
 //! `rustls::ClientConnection` towards TLS origins).
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::ops::{Deref, DerefMut};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -49,15 +50,6 @@ pub struct TlsStream<IO, C> {
     flush_at_close: bool,
 }
 
-/// Most bytes of queued TLS records copied into one send; larger writes go out as they are.
-const COALESCE_LIMIT: usize = 32 * 1024;
-
-thread_local! {
-    /// Where a shard gathers queued records into one send (see `Adapter::write_vectored`).
-    static COALESCE_BUFFER: std::cell::RefCell<Vec<u8>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Adapts a polled transport to the blocking `io::Read`/`io::Write` that rustls expects;
 /// `Pending` becomes `WouldBlock`, which rustls passes straight back to us.
 struct Adapter<'a, 'b, IO> {
@@ -74,7 +66,7 @@ impl<IO: AsyncRead + Unpin> Read for Adapter<'_, '_, IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> Write for Adapter<'_, '_, IO> {
+impl<IO: AsyncWrite + AsRawFd + Unpin> Write for Adapter<'_, '_, IO> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match Pin::new(&mut *self.io).poll_write(self.cx, buf) {
             Poll::Ready(result) => result,
@@ -83,31 +75,14 @@ impl<IO: AsyncWrite + Unpin> Write for Adapter<'_, '_, IO> {
     }
 
     /// rustls hands over every queued record at once: a handshake flight is three to six
-    /// of them, a last response is followed by close_notify. glommio's stream sends only the
-    /// first buffer of a vectored write, which would cost a send, a packet and a wake-up of
-    /// the peer per record. The records are copied into one buffer (up to
-    /// [`COALESCE_LIMIT`] bytes) and sent together; rustls consumes whatever part was sent.
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let mut pending = bufs.iter().filter(|b| !b.is_empty());
-        let Some(first) = pending.next() else {
-            return Ok(0);
-        };
-        if bufs.len() == 1 || first.len() >= COALESCE_LIMIT {
-            return self.write(first);
+    /// of them, a last response is followed by close_notify, a large response is a run of
+    /// 16 KiB records. They leave in one `sendmsg` (see `net::send`), instead of a send, a
+    /// packet and a wake-up of the peer per record; rustls consumes whatever part was sent.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match crate::net::send::poll_write_vectored(self.io, self.cx, bufs) {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
-
-        COALESCE_BUFFER.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            scratch.clear();
-            scratch.extend_from_slice(first);
-            for buf in pending {
-                if scratch.len() + buf.len() > COALESCE_LIMIT {
-                    break;
-                }
-                scratch.extend_from_slice(buf);
-            }
-            self.write(&scratch)
-        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -120,7 +95,7 @@ impl<IO: AsyncWrite + Unpin> Write for Adapter<'_, '_, IO> {
 
 impl<IO, C, S> TlsStream<IO, C>
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + AsRawFd + Unpin,
     C: DerefMut + Deref<Target = ConnectionCommon<S>> + EarlyDataSource + Unpin,
     S: SideData,
 {
@@ -246,7 +221,7 @@ where
 
 impl<IO, C, S> AsyncRead for TlsStream<IO, C>
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + AsRawFd + Unpin,
     C: DerefMut + Deref<Target = ConnectionCommon<S>> + EarlyDataSource + Unpin,
     S: SideData,
 {
@@ -289,7 +264,7 @@ where
 
 impl<IO, C, S> AsyncWrite for TlsStream<IO, C>
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
+    IO: AsyncRead + AsyncWrite + AsRawFd + Unpin,
     C: DerefMut + Deref<Target = ConnectionCommon<S>> + EarlyDataSource + Unpin,
     S: SideData,
 {
@@ -298,14 +273,24 @@ where
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    /// Encrypts the buffers into records together, as if they were one: a response head and
+    /// the first piece of its body share a record instead of being copied into one buffer.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
 
         // Queue first, then send once: records already waiting (the session tickets issued
         // as the handshake completed, the rest of an earlier write) leave in the same send
         // as these. rustls's buffer limit bounds what can wait, so a slow reader still
         // pushes back on whoever writes to us.
-        let n = this.conn.writer().write(buf)?;
-        if n == 0 && !buf.is_empty() {
+        let n = this.conn.writer().write_vectored(bufs)?;
+        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
             // rustls's buffer is full, or holds plaintext it may not send before the
             // handshake completes: send what it can and come back when that has moved.
             let progress = if this.conn.is_handshaking() {
