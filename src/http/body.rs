@@ -6,7 +6,7 @@
 //! strictly; a malformed one ends the exchange and the origin connection is discarded, so
 //! nothing after it can be read as a second request.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
@@ -15,13 +15,18 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use super::head::Framing;
 use crate::shard::with_timeout;
 
-const READ_CHUNK: usize = 16 * 1024;
+/// Largest read buffer a side grows to while a body flows. Measured on 1 MiB responses:
+/// 32 KiB took 6% less CPU per response than 16 KiB (half the receives), and 64 KiB took
+/// 20% more than 32 KiB, for a reason not pinned down.
+const READ_CHUNK: usize = 32 * 1024;
 /// First read buffer of a connection side: a typical request head fits.
 const FIRST_READ: usize = 2 * 1024;
 /// Bytes read into the task's own state while a side holds no buffer (see `fill`).
 const FIRST_INLINE: usize = 512;
 /// Queued output is written once it reaches this size (or at the end of a step).
 const FLUSH_AT: usize = 32 * 1024;
+/// Body pieces at least this long are written from the read buffer, not copied to the queue.
+const WRITE_THROUGH_MIN: usize = 4 * 1024;
 /// Longest chunk-size line (with extensions) or trailer line accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -149,6 +154,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Buffered<S> {
         self.io.flush().await
     }
 
+    /// Writes what is queued and then `piece`, in one vectored write where the stream takes
+    /// one, without copying `piece` into the queue. Does not flush the stream.
+    pub async fn write_through(&mut self, piece: &[u8]) -> io::Result<()> {
+        let (mut queued, mut passed) = (0, 0);
+        while queued < self.out.len() || passed < piece.len() {
+            let n = if queued < self.out.len() {
+                let bufs = [
+                    IoSlice::new(&self.out[queued..]),
+                    IoSlice::new(&piece[passed..]),
+                ];
+                self.io.write_vectored(&bufs).await?
+            } else {
+                self.io.write(&piece[passed..]).await?
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let from_queue = n.min(self.out.len() - queued);
+            queued += from_queue;
+            passed += n - from_queue;
+        }
+        self.written_total += (self.out.len() + piece.len()) as u64;
+        self.out.clear();
+        Ok(())
+    }
+
     async fn flush_if_large(&mut self) -> io::Result<()> {
         if self.out.len() >= FLUSH_AT {
             self.flush().await?;
@@ -202,18 +233,25 @@ async fn more<R: AsyncRead + AsyncWrite + Unpin>(
     from.fill_within(limit).await.map_err(|_| BodyError::Read)
 }
 
-fn queue_piece<W: AsyncRead + AsyncWrite + Unpin>(
+/// Passes one piece of a body on: a large one straight from the read buffer it is in, small
+/// ones through the queue, so that they leave together.
+async fn pass_piece<W: AsyncRead + AsyncWrite + Unpin>(
     to: &mut Buffered<W>,
     piece: &[u8],
     chunked: bool,
-) {
-    if chunked {
+) -> Result<(), BodyError> {
+    let written = if chunked {
         to.queue(format!("{:x}\r\n", piece.len()).as_bytes());
         to.queue(piece);
         to.queue(b"\r\n");
+        to.flush_if_large().await
+    } else if piece.len() >= WRITE_THROUGH_MIN {
+        to.write_through(piece).await
     } else {
         to.queue(piece);
-    }
+        to.flush_if_large().await
+    };
+    written.map_err(|_| BodyError::Write)
 }
 
 async fn copy_exact<R, W>(
@@ -232,10 +270,9 @@ where
             return Err(BodyError::Read);
         }
         let take = from.data().len().min(remaining as usize);
-        queue_piece(to, &from.data()[..take], chunked);
+        pass_piece(to, &from.data()[..take], chunked).await?;
         from.consume(take);
         remaining -= take as u64;
-        to.flush_if_large().await.map_err(|_| BodyError::Write)?;
     }
     Ok(())
 }
@@ -255,9 +292,8 @@ where
             return Ok(());
         }
         let take = from.data().len();
-        queue_piece(to, &from.data()[..take], chunked);
+        pass_piece(to, &from.data()[..take], chunked).await?;
         from.consume(take);
-        to.flush_if_large().await.map_err(|_| BodyError::Write)?;
     }
 }
 
@@ -323,6 +359,99 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A stream that takes at most `step` bytes per write, from several buffers at once
+    /// when `vectored`, as a socket with little room does.
+    struct Trickle {
+        written: Vec<u8>,
+        step: usize,
+        vectored: bool,
+        writes: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(0))
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.writes += 1;
+            let mut room = this.step;
+            for buf in bufs.iter().filter(|b| !b.is_empty()) {
+                let n = buf.len().min(room);
+                this.written.extend_from_slice(&buf[..n]);
+                room -= n;
+                if room == 0 || !this.vectored {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(this.step - room))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn write_through_sends_the_queue_then_the_piece_across_short_writes() {
+        let piece: Vec<u8> = (0..100u8).collect();
+        for (step, vectored) in [(3, true), (3, false), (7, true), (1000, true)] {
+            let mut side = Buffered::new(Trickle {
+                written: Vec::new(),
+                step,
+                vectored,
+                writes: 0,
+            });
+            side.queue(b"HTTP/1.1 200 OK\r\n\r\n");
+            futures_lite::future::block_on(side.write_through(&piece)).unwrap();
+
+            let mut expected = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+            expected.extend_from_slice(&piece);
+            assert_eq!(
+                side.io.written, expected,
+                "step {step}, vectored {vectored}"
+            );
+            assert_eq!(side.written_total, expected.len() as u64);
+            assert!(side.out.is_empty());
+        }
+
+        // With room for everything, the head and the piece leave in one write.
+        let mut side = Buffered::new(Trickle {
+            written: Vec::new(),
+            step: 1 << 20,
+            vectored: true,
+            writes: 0,
+        });
+        side.queue(b"head");
+        futures_lite::future::block_on(side.write_through(b"body")).unwrap();
+        assert_eq!(side.io.writes, 1);
+    }
 
     #[test]
     fn chunk_sizes_are_parsed_strictly() {
