@@ -99,10 +99,7 @@ fn sigterm_during_start_up_drains_instead_of_killing() {
 
     // A supervisor may stop or reload ferrule the moment it starts. The signal is sent at
     // ferrule's first log line, while the certificates load and before the shards exist.
-    let backend = Backend::start(|_, conn| {
-        respond(conn.get_mut(), 200, &[], b"ok")?;
-        Ok(After::KeepAlive)
-    });
+    let backend = Backend::echo();
     let pki = Pki::new();
     let mut child = std::process::Command::new(ferrule_bin())
         .args(Launch::new(&pki, backend.addr).command_line())
