@@ -16,8 +16,9 @@ use super::head::Framing;
 use crate::shard::with_timeout;
 
 /// Largest read buffer a side grows to while a body flows. Measured on 1 MiB responses:
-/// 32 KiB took 6% less CPU per response than 16 KiB, and 64 KiB took 20% more than 32 KiB,
-/// for a reason not pinned down.
+/// 32 KiB took 6–9% less CPU per response than 16 KiB (two runs), and 64 KiB took 18–19%
+/// more than 16 KiB (two runs; 30% more than 32 KiB in the one that had all three), for a
+/// reason not pinned down.
 const READ_CHUNK: usize = 32 * 1024;
 /// First read buffer of a connection side: a typical request head fits.
 const FIRST_READ: usize = 2 * 1024;
